@@ -1,0 +1,175 @@
+"""The DEQ layer: solve z = f(z) without a graph, then attach the chosen gradient method."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from .gradients import GRADIENTS
+from .jacobian import jacobian_penalty
+from .solvers import SOLVERS, STOP_MODES, SolverResult, _Tracker
+from .state import State, StateLayout
+
+SOLVER_CORE_ARGS = ("f", "z", "max_iter", "tracker", "layout")
+_PY_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict}
+
+
+@dataclass
+class DEQStats:
+    """What one DEQ call reports: the forward solve, and the backward solve once backward ran."""
+
+    forward: SolverResult
+    backward: SolverResult | None = None
+    jac_loss: torch.Tensor | None = None
+    pretrain: bool = False
+
+    @property
+    def nstep(self) -> torch.Tensor:
+        return self.forward.nstep
+
+    @property
+    def abs_residual(self) -> torch.Tensor:
+        return self.forward.abs_residual
+
+    @property
+    def rel_residual(self) -> torch.Tensor:
+        return self.forward.rel_residual
+
+    @property
+    def residual(self) -> torch.Tensor:
+        return self.forward.residual
+
+    @property
+    def trace(self) -> torch.Tensor:
+        return self.forward.trace
+
+    @property
+    def converged(self) -> torch.Tensor:
+        return self.forward.converged
+
+    @property
+    def diverged(self) -> torch.Tensor:
+        return self.forward.diverged
+
+
+def solver_option_names(solver: str) -> list[str]:
+    """Keyword options a registered solver accepts beyond the common ones."""
+    params = inspect.signature(SOLVERS[solver].__wrapped__).parameters
+    return [n for n in params if n not in SOLVER_CORE_ARGS]
+
+
+def _unknown(name: str, valid: list[str], where: str) -> ValueError:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    listing = ", ".join(sorted(valid))
+    return ValueError(f"unknown option {name!r} for {where}{hint} valid: {listing}")
+
+
+def _check_type(owner: str, name: str, value: Any, type_name: Any) -> None:
+    expected = _PY_TYPES.get(str(type_name))
+    bad_bool = isinstance(value, bool) and str(type_name) in ("int", "float")
+    if expected is not None and (bad_bool or not isinstance(value, expected)):
+        raise ValueError(f"{owner} option {name!r} must be {type_name}, got {value!r}")
+
+
+def _choose(registry: dict, kind: str, name: str) -> str:
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(registry))}")
+    return name
+
+
+class DEQ(nn.Module):
+    """Deep equilibrium layer: `z_star, stats = deq(f, z0)`.
+
+    f maps a state (a tensor or a list of tensors) to a state of the same shapes and closes over
+    its parameters and injection. In training mode (and with grad enabled) the returned z carries
+    the gradient of `grad`; otherwise the solve uses the eval budget and nothing is recorded.
+    Unknown option names raise ValueError.
+    """
+
+    def __init__(self, solver: str = "anderson", grad: str = "implicit", *, f_max_iter: int = 30,
+                 f_tol: float = 1e-3, stop_mode: str = "rel", eval_f_max_iter: int | None = None,
+                 eval_f_tol: float | None = None, pretrain_depth: int = 4, jac_reg: bool = False,
+                 jac_samples: int = 1, **options: Any) -> None:
+        super().__init__()
+        self.solver_name = _choose(SOLVERS, "solver", solver)
+        self.grad_name = _choose(GRADIENTS, "grad", grad)
+        if stop_mode not in STOP_MODES:
+            raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+        if f_max_iter < 1 or f_tol <= 0 or pretrain_depth < 1 or jac_samples < 1:
+            raise ValueError("f_max_iter, pretrain_depth, jac_samples must be >= 1 and f_tol > 0")
+        self.f_max_iter, self.f_tol, self.stop_mode = int(f_max_iter), float(f_tol), stop_mode
+        self.eval_f_max_iter = int(eval_f_max_iter or f_max_iter)
+        self.eval_f_tol = float(eval_f_tol or f_tol)
+        self.pretrain_depth, self.jac_reg, self.jac_samples = pretrain_depth, jac_reg, jac_samples
+        self.solver_options, grad_options = self._split_options(options)
+        self.gradient = GRADIENTS[grad](**grad_options)
+        if getattr(self.gradient, "needs_lowrank", False) and solver != "broyden":
+            raise ValueError(f"grad={grad} needs solver=broyden (got solver={solver})")
+
+    def _split_options(self, options: dict) -> tuple[dict, dict]:
+        solver_names = solver_option_names(self.solver_name)
+        grad_fields = {f.name: f.type for f in fields(GRADIENTS[self.grad_name])}
+        where = f"DEQ(solver={self.solver_name!r}, grad={self.grad_name!r})"
+        solver_options, grad_options = {}, {}
+        for name, value in options.items():
+            if name in grad_fields:
+                _check_type(f"grad={self.grad_name}", name, value, grad_fields[name])
+                grad_options[name] = value
+            elif name in solver_names:
+                solver_options[name] = value
+            else:
+                raise _unknown(name, solver_names + list(grad_fields), where)
+        return solver_options, grad_options
+
+    def solve(self, f: Callable[[State], State], z0: State, max_iter: int,
+              tol: float) -> SolverResult:
+        """The forward solve alone (no graph)."""
+        with torch.no_grad():
+            return SOLVERS[self.solver_name](f, z0, max_iter=max_iter, tol=tol,
+                                             stop_mode=self.stop_mode, **self.solver_options)
+
+    def forward(self, f: Callable[[State], State], z0: State,
+                pretrain: bool = False) -> tuple[State, DEQStats]:
+        if pretrain:
+            return self.unrolled(f, z0)
+        if not (self.training and torch.is_grad_enabled()):
+            result = self.solve(f, z0, self.eval_f_max_iter, self.eval_f_tol)
+            return result.z, DEQStats(result)
+        result = self.solve(f, z0, self.f_max_iter, self.f_tol)
+        layout = StateLayout.of(z0)
+        flat_f = layout.flat_map(f)
+        z_star = layout.flatten(result.z)
+        stats = DEQStats(result)
+        if self.jac_reg:
+            stats.jac_loss = self._jacobian_loss(flat_f, z_star)
+        z_out = self.gradient.attach(flat_f, z_star, result, stats)
+        return layout.unflatten(z_out), stats
+
+    def _jacobian_loss(self, flat_f: Callable, z_star: torch.Tensor) -> torch.Tensor:
+        z_in = z_star.detach().requires_grad_()
+        return jacobian_penalty(flat_f(z_in), z_in, n_samples=self.jac_samples)
+
+    def unrolled(self, f: Callable[[State], State], z0: State) -> tuple[State, DEQStats]:
+        """Pretraining: pretrain_depth plain steps z <- f(z) with full backprop."""
+        layout = StateLayout.of(z0)
+        flat_f = layout.flat_map(f)
+        z_prev = layout.flatten(z0)
+        for _ in range(self.pretrain_depth - 1):
+            z_prev = flat_f(z_prev)
+        z = flat_f(z_prev)
+        tracker = _Tracker(z_prev.detach(), self.f_tol, self.stop_mode)
+        tracker.update(z_prev.detach(), z.detach(), (z - z_prev).detach())
+        result = tracker.result(layout, self.pretrain_depth)
+        result.nstep.fill_(self.pretrain_depth)
+        return layout.unflatten(z), DEQStats(result, pretrain=True)
+
+    def extra_repr(self) -> str:
+        return (f"solver={self.solver_name}, grad={self.grad_name}, f_max_iter={self.f_max_iter}, "
+                f"f_tol={self.f_tol}, stop_mode={self.stop_mode}")

@@ -1,0 +1,314 @@
+"""Forward fixed-point solvers: fixed_point, anderson, broyden.
+
+Each solver is a plain function `solve(f, z0, *, max_iter, tol, stop_mode, **options)` returning a
+`SolverResult`. The residual of an iterate z is ||f(z) - z|| per sample (abs) or that divided by
+||f(z)|| (rel); every sample returns its own lowest-residual iterate, not the last one.
+`max_iter` counts evaluations of f.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .state import State, StateLayout
+
+SOLVERS: dict[str, Callable[..., SolverResult]] = {}
+STOP_MODES = ("abs", "rel")
+REL_EPS = 1e-8
+EXPLODE_FACTOR = 1e6
+
+
+@dataclass
+class LowRankInverse:
+    """Broyden's inverse-Jacobian estimate of g(z) = f(z) - z: B = -I + sum_j u_j v_j^T.
+
+    `u`, `v` are (batch, slots, dim); `valid` (batch, slots) marks, per sample, the pairs gathered
+    up to that sample's returned iterate.
+    """
+
+    u: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self.valid.sum(dim=1)
+
+    def masked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = self.valid.unsqueeze(-1).to(self.u.dtype)
+        return self.u * mask, self.v
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """B x for flat x (batch, dim)."""
+        u, v = self.masked()
+        return -x + _lowrank_apply(u, v, x)
+
+    def rmatvec(self, x: torch.Tensor) -> torch.Tensor:
+        """x^T B for flat x (batch, dim)."""
+        u, v = self.masked()
+        return -x + _lowrank_apply(v, u, x)
+
+
+@dataclass
+class SolverResult:
+    """Outcome of a solve, per sample unless noted."""
+
+    z: State
+    nstep: torch.Tensor
+    abs_residual: torch.Tensor
+    rel_residual: torch.Tensor
+    abs_trace: torch.Tensor
+    rel_trace: torch.Tensor
+    converged: torch.Tensor
+    diverged: torch.Tensor
+    n_f_evals: int
+    stop_mode: str
+    tol: float
+    lowrank: LowRankInverse | None = None
+
+    @property
+    def residual(self) -> torch.Tensor:
+        return self.rel_residual if self.stop_mode == "rel" else self.abs_residual
+
+    @property
+    def trace(self) -> torch.Tensor:
+        return self.rel_trace if self.stop_mode == "rel" else self.abs_trace
+
+
+def _lowrank_apply(left: torch.Tensor, right: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_j left_j (right_j . x) for (batch, n, dim) pairs; zero when n == 0."""
+    if left.shape[1] == 0:
+        return torch.zeros_like(x)
+    coef = torch.bmm(right, x.unsqueeze(2))
+    return torch.bmm(coef.transpose(1, 2), left).squeeze(1)
+
+
+class _Tracker:
+    """Residuals, best iterate, traces and stopping decisions shared by all solvers."""
+
+    def __init__(self, z0: torch.Tensor, tol: float, stop_mode: str) -> None:
+        if stop_mode not in STOP_MODES:
+            raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+        if not tol > 0:
+            raise ValueError(f"tol must be > 0, got {tol}")
+        batch = z0.shape[0]
+        self.tol, self.stop_mode = tol, stop_mode
+        self.best_z = z0.clone()
+        inf = torch.full((batch,), float("inf"), dtype=z0.dtype, device=z0.device)
+        self.best_abs, self.best_rel = inf.clone(), inf.clone()
+        self.nstep = torch.zeros(batch, dtype=torch.long, device=z0.device)
+        self.diverged = torch.zeros(batch, dtype=torch.bool, device=z0.device)
+        self.first: torch.Tensor | None = None
+        self.abs_trace: list[torch.Tensor] = []
+        self.rel_trace: list[torch.Tensor] = []
+        self.improved = torch.zeros(batch, dtype=torch.bool, device=z0.device)
+
+    def best(self) -> torch.Tensor:
+        return self.best_rel if self.stop_mode == "rel" else self.best_abs
+
+    def update(self, z: torch.Tensor, fz: torch.Tensor, g: torch.Tensor) -> bool:
+        """Record iterate z with f(z) and g = f(z) - z; return True when the solve should stop."""
+        abs_res = g.norm(dim=1)
+        rel_res = abs_res / (fz.norm(dim=1) + REL_EPS)
+        res = rel_res if self.stop_mode == "rel" else abs_res
+        finite = torch.isfinite(res)
+        self.diverged |= ~finite
+        self.improved = finite & (res < self.best())
+        self.best_z = torch.where(self.improved.unsqueeze(1), z, self.best_z)
+        self.best_abs = torch.where(self.improved, abs_res, self.best_abs)
+        self.best_rel = torch.where(self.improved, rel_res, self.best_rel)
+        self.abs_trace.append(abs_res)
+        self.rel_trace.append(rel_res)
+        self.nstep = torch.where(self.improved, len(self.abs_trace), self.nstep)
+        if self.first is None:
+            self.first = res
+        done = (self.best() <= self.tol) | self.diverged
+        all_done, any_nonfinite = torch.stack([done.all(), (~finite).any()]).tolist()
+        return bool(all_done or any_nonfinite)
+
+    def exploded(self) -> torch.Tensor:
+        """Samples whose last residual exceeds EXPLODE_FACTOR x the first one."""
+        last = self.abs_trace[-1] if self.stop_mode == "abs" else self.rel_trace[-1]
+        return last > EXPLODE_FACTOR * self.first.clamp_min(torch.finfo(last.dtype).tiny)
+
+    def result(self, layout: StateLayout, n_f_evals: int,
+               lowrank: LowRankInverse | None = None) -> SolverResult:
+        converged = (self.best() <= self.tol) & ~self.diverged
+        return SolverResult(
+            z=layout.unflatten(self.best_z), nstep=self.nstep, abs_residual=self.best_abs,
+            rel_residual=self.best_rel, abs_trace=torch.stack(self.abs_trace),
+            rel_trace=torch.stack(self.rel_trace), converged=converged, diverged=self.diverged,
+            n_f_evals=n_f_evals, stop_mode=self.stop_mode, tol=self.tol, lowrank=lowrank)
+
+
+def register_solver(name: str):
+    """Register a solver written on flat (batch, dim) states under `name`.
+
+    The registered function accepts a tensor or a list of tensors and flattens them itself.
+    """
+
+    def wrap(flat_solver: Callable[..., SolverResult]) -> Callable[..., SolverResult]:
+        @functools.wraps(flat_solver)
+        def solve(f: Callable[[State], State], z0: State, *, max_iter: int, tol: float,
+                  stop_mode: str = "abs", **options) -> SolverResult:
+            if int(max_iter) < 1:
+                raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+            layout = StateLayout.of(z0)
+            tracker = _Tracker(layout.flatten(z0).detach(), tol, stop_mode)
+            return flat_solver(layout.flat_map(f), tracker.best_z.clone(), int(max_iter),
+                               tracker, layout, **options)
+
+        SOLVERS[name] = solve
+        return solve
+
+    return wrap
+
+
+@register_solver("fixed_point")
+def fixed_point(f, z, max_iter, tracker, layout, *, tau: float = 1.0) -> SolverResult:
+    """Damped fixed-point iteration z <- tau f(z) + (1 - tau) z."""
+    if not 0 < tau <= 1:
+        raise ValueError(f"fixed_point tau must be in (0, 1], got {tau}")
+    for _ in range(max_iter):
+        fz = f(z)
+        g = fz - z
+        if tracker.update(z, fz, g):
+            break
+        z = z + tau * g
+    return tracker.result(layout, len(tracker.abs_trace))
+
+
+@register_solver("anderson")
+def anderson(f, z, max_iter, tracker, layout, *, m: int = 5, lam: float = 1e-4,
+             beta: float = 1.0) -> SolverResult:
+    """Anderson acceleration with history m, ridge lam and mixing beta."""
+    if m < 1 or lam < 0 or not 0 < beta <= 1:
+        raise ValueError(f"anderson needs m >= 1, lam >= 0, 0 < beta <= 1; got {m}, {lam}, {beta}")
+    batch, dim = z.shape
+    f_hist = z.new_zeros(batch, m, dim)
+    g_hist = z.new_zeros(batch, m, dim)
+    gram = torch.zeros(batch, m, m, dtype=torch.float64, device=z.device)
+    for k in range(max_iter):
+        fz = f(z)
+        g = fz - z
+        if tracker.update(z, fz, g):
+            break
+        slot, n = k % m, min(k + 1, m)
+        f_hist[:, slot], g_hist[:, slot] = fz, g
+        row = torch.bmm(g_hist[:, :n], g.unsqueeze(2)).squeeze(2).double()
+        gram[:, slot, :n], gram[:, :n, slot] = row, row
+        alpha = _anderson_weights(gram[:, :n, :n], lam).to(z.dtype).unsqueeze(1)
+        z = torch.bmm(alpha, f_hist[:, :n]).squeeze(1)
+        if beta != 1.0:
+            z = z - (1 - beta) * torch.bmm(alpha, g_hist[:, :n]).squeeze(1)
+    return tracker.result(layout, len(tracker.abs_trace))
+
+
+def _anderson_weights(gram: torch.Tensor, lam: float) -> torch.Tensor:
+    """Mixing weights alpha (summing to 1) minimising ||sum alpha_i g_i||^2 + lam s ||alpha||^2.
+
+    s is the mean squared residual norm in the history, so the ridge is scale-free: a fixed
+    absolute lam swamps G G^T once residuals are small and stalls tight solves.
+    Solves the bordered system [[0, 1^T], [1, G G^T + lam I]] [nu, alpha] = [1, 0] in float64;
+    samples whose system is singular or non-finite get a least-squares (pseudo-inverse) solution.
+    """
+    batch, n, _ = gram.shape
+    system = gram.new_zeros(batch, n + 1, n + 1)
+    system[:, 0, 1:], system[:, 1:, 0] = 1.0, 1.0
+    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(gram.dtype).tiny)
+    ridge = (lam * scale).view(batch, 1, 1) * torch.eye(n, dtype=gram.dtype, device=gram.device)
+    system[:, 1:, 1:] = gram + ridge
+    rhs = gram.new_zeros(batch, n + 1, 1)
+    rhs[:, 0] = 1.0
+    solution, info = torch.linalg.solve_ex(system, rhs)
+    bad = (info != 0) | ~torch.isfinite(solution).all(dim=(1, 2))
+    if bool(bad.any()):
+        safe = torch.nan_to_num(system[bad], nan=0.0, posinf=0.0, neginf=0.0)
+        solution[bad] = torch.linalg.pinv(safe) @ rhs[bad]
+    return solution[:, 1:, 0]
+
+
+@register_solver("broyden")
+def broyden(f, z, max_iter, tracker, layout, *, mem: int | None = None,
+            init_lowrank: tuple | None = None) -> SolverResult:
+    """'Good' Broyden on g(z) = f(z) - z with a circular memory of `mem` rank-one pairs.
+
+    `init_lowrank=(u, v)` ((batch, r, dim) each) starts from B = -I + sum u_j v_j^T instead of -I
+    (those r pairs are kept for the whole solve). Samples whose residual explodes (> 1e6 x the
+    first) are frozen and marked diverged (protective break); the solve ends when every sample
+    is done.
+    """
+    mem = max_iter - 1 if mem is None else int(mem)
+    if mem < 1:
+        raise ValueError(f"broyden mem must be >= 1, got {mem}")
+    memory = _BroydenMemory(z, min(mem, max(max_iter - 1, 1)), init_lowrank)
+    fz = f(z)
+    g = fz - z
+    done = tracker.update(z, fz, g)
+    b_g = memory.matvec(g)
+    frozen = torch.zeros_like(tracker.diverged)
+    for _ in range(max_iter - 1):
+        if done:
+            break
+        dz = torch.where(frozen.unsqueeze(1), 0.0, -b_g)
+        z_new = z + dz
+        fz = f(z_new)
+        g_new = fz - z_new
+        done = tracker.update(z_new, fz, g_new)
+        frozen |= tracker.exploded() | tracker.diverged
+        done = done or bool((frozen | (tracker.best() <= tracker.tol)).all())
+        b_g = memory.update(dz, g_new - g, g_new, b_g, tracker.improved)
+        z, g = z_new, g_new
+    lowrank = memory.lowrank(tracker)
+    return tracker.result(layout, len(tracker.abs_trace), lowrank)
+
+
+class _BroydenMemory:
+    """Rank-one pairs of the inverse estimate: fixed initial ones, then `mem` circular slots."""
+
+    def __init__(self, z: torch.Tensor, mem: int, init_lowrank: tuple | None) -> None:
+        batch, dim = z.shape
+        n_init = 0 if init_lowrank is None else init_lowrank[0].shape[1]
+        self.u = z.new_zeros(batch, n_init + mem, dim)
+        self.v = z.new_zeros(batch, n_init + mem, dim)
+        if n_init:
+            self.u[:, :n_init], self.v[:, :n_init] = init_lowrank[0], init_lowrank[1]
+        self.n_init, self.mem, self.count = n_init, mem, 0
+        self.slot_update = torch.zeros(n_init + mem, dtype=torch.long, device=z.device)
+        self.count_at_best = torch.zeros(batch, dtype=torch.long, device=z.device)
+
+    def active(self) -> slice:
+        return slice(0, self.n_init + min(self.count, self.mem))
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.active()
+        return -x + _lowrank_apply(self.u[:, s], self.v[:, s], x)
+
+    def rmatvec(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.active()
+        return -x + _lowrank_apply(self.v[:, s], self.u[:, s], x)
+
+    def update(self, dz, dg, g_new, b_g, improved) -> torch.Tensor:
+        """Add the pair for step (dz, dg); return B_new g_new."""
+        b_g_new = self.matvec(g_new)
+        v = self.rmatvec(dz)
+        denom = (v * dg).sum(dim=1, keepdim=True)
+        ok = denom.abs() > torch.finfo(denom.dtype).tiny ** 0.5
+        u = torch.where(ok, (dz - (b_g_new - b_g)) / torch.where(ok, denom, 1.0), 0.0)
+        slot = self.n_init + self.count % self.mem
+        self.u[:, slot], self.v[:, slot] = u, v
+        self.count += 1
+        self.slot_update[slot] = self.count
+        self.count_at_best = torch.where(improved, self.count, self.count_at_best)
+        return b_g_new + u * (v * g_new).sum(dim=1, keepdim=True)
+
+    def lowrank(self, tracker: _Tracker) -> LowRankInverse:
+        s = self.active()
+        stamp = self.slot_update[s].unsqueeze(0)
+        valid = (stamp <= self.count_at_best.unsqueeze(1)) & (stamp > 0)
+        valid[:, : self.n_init] = True
+        return LowRankInverse(self.u[:, s], self.v[:, s], valid)
