@@ -1,0 +1,5 @@
+"""Tasks: data plus loss and metric."""
+
+from deqrun.tasks.classification import ClassificationTask, build_classification_task
+
+__all__ = ["ClassificationTask", "build_classification_task"]
