@@ -67,7 +67,7 @@ class _SpectralNorm:
 
 def _norm_except(weight: torch.Tensor, dim: int) -> torch.Tensor:
     dims = [d for d in range(weight.dim()) if d != dim]
-    return weight.norm(dim=dims, keepdim=True)
+    return torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
 
 
 def _normed_layers(module: nn.Module) -> list[nn.Module]:

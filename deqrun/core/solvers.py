@@ -194,11 +194,11 @@ def anderson(f, z, max_iter, tracker, layout, *, m: int = 5, lam: float = 1e-4,
     gram = torch.zeros(batch, m, m, dtype=torch.float64, device=z.device)
     for k in range(max_iter):
         fz = f(z)
-        g = fz - z
+        slot, n = k % m, min(k + 1, m)
+        g = torch.sub(fz, z, out=g_hist[:, slot])
         if tracker.update(z, fz, g):
             break
-        slot, n = k % m, min(k + 1, m)
-        f_hist[:, slot], g_hist[:, slot] = fz, g
+        f_hist[:, slot] = fz
         row = torch.bmm(g_hist[:, :n], g.unsqueeze(2)).squeeze(2).double()
         gram[:, slot, :n], gram[:, :n, slot] = row, row
         alpha = _anderson_weights(gram[:, :n, :n], lam).to(z.dtype).unsqueeze(1)

@@ -1,0 +1,234 @@
+"""Benchmark deqrun.core on a conv f of MDEQ-tiny size; side by side with torchdeq when installed.
+
+    python scripts/bench_core.py [--device cuda] [--repeats 5] [--json out.json]
+
+All timings are medians over --repeats runs in this one process; ratios compare methods run
+side by side. f: state 24 x 16 x 16, batch 32, conv3x3 to 5x channels, GroupNorm, ReLU, conv3x3
+back, + injection, GroupNorm; weight norm on both convs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from deqrun.core import DEQ, SOLVERS, apply_weight_norm, reset_norms
+from deqrun.measure import SavedTensorMeter, Timer
+
+GRADS = {
+    "implicit": dict(grad="implicit", b_solver="anderson", b_max_iter=40, b_tol=1e-6),
+    "upg A(5,0.5)": dict(grad="upg", k=5, lambda_=0.5),
+    "npg A(5,0.5)": dict(grad="npg", k=5, lambda_=0.5),
+    "jacobian_free": dict(grad="jacobian_free"),
+    "shine": dict(grad="shine"),
+}
+
+
+class ConvCell(nn.Module):
+    """The benchmark's f(z, x): MDEQ-tiny's residual block without the residual."""
+
+    def __init__(self, channels: int = 24, expansion: int = 5, in_channels: int = 3) -> None:
+        super().__init__()
+        self.body = nn.ModuleDict({
+            "conv1": nn.Conv2d(channels, expansion * channels, 3, padding=1, bias=False),
+            "conv2": nn.Conv2d(expansion * channels, channels, 3, padding=1, bias=False),
+        })
+        apply_weight_norm(self.body)
+        self.gn1 = nn.GroupNorm(8, expansion * channels, affine=False)
+        self.gn2 = nn.GroupNorm(8, channels, affine=False)
+        self.inject = nn.Conv2d(in_channels, channels, 3, padding=1)
+
+    def closure(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Recompute the normalised weights once and return f(z) for input x."""
+        reset_norms(self.body)
+        injection = self.inject(x)
+
+        def f(z: torch.Tensor) -> torch.Tensor:
+            hidden = torch.relu(self.gn1(self.body["conv1"](z)))
+            return self.gn2(self.body["conv2"](hidden) + injection)
+
+        return f
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        with Timer(device) as timer:
+            fn()
+        times.append(timer.ms)
+    return statistics.median(times)
+
+
+class Counted:
+    """f that counts its calls."""
+
+    def __init__(self, f: Callable) -> None:
+        self.f, self.calls = f, 0
+
+    def __call__(self, z):
+        self.calls += 1
+        return self.f(z)
+
+
+def bare_f_ms(f: Callable, z0: torch.Tensor, device: torch.device, repeats: int) -> float:
+    with torch.no_grad():
+        return median_ms(lambda: [f(z0) for _ in range(10)], device, repeats) / 10
+
+
+def solver_rows(f, z0, args, device) -> list[dict]:
+    """Our solvers (and torchdeq's anderson/broyden) at one tolerance and budget."""
+    runs = {f"ours {name}": _ours_solver(name, args) for name in SOLVERS}
+    runs.update(_torchdeq_solvers(args))
+    rows, f_ms = [], bare_f_ms(f, z0, device, args.repeats)
+    for label, solve in runs.items():
+        ms, evals = time_solver(solve, f, z0, device, args.repeats)
+        rows.append(dict(solver=label, forward_ms=ms, f_evals=evals, ms_per_f=ms / evals,
+                         overhead=ms / (evals * f_ms) - 1, bare_f_ms=f_ms))
+    return rows
+
+
+def time_solver(solve: Callable, f: Callable, z0, device, repeats: int) -> tuple[float, float]:
+    """Median forward ms and f evaluations per solve."""
+    counted = Counted(f)
+    with torch.no_grad():
+        ms = median_ms(lambda: solve(counted, z0), device, repeats)
+    return ms, counted.calls / (repeats + 1)
+
+
+def _ours_solver(name: str, args) -> Callable:
+    options = {"anderson": dict(m=args.m), "broyden": {}, "fixed_point": {}}[name]
+    return lambda f, z0: SOLVERS[name](f, z0, max_iter=args.f_max_iter, tol=args.f_tol,
+                                       stop_mode="rel", **options)
+
+
+def _torchdeq_solvers(args) -> dict[str, Callable]:
+    try:
+        from torchdeq.solver import get_solver
+    except ImportError:
+        return {}
+    def make(name: str, options: dict) -> Callable:
+        solver = get_solver(name)
+        return lambda f, z0: solver(f, z0, max_iter=args.f_max_iter, tol=args.f_tol,
+                                    stop_mode="rel", **options)
+
+    return {"torchdeq anderson": make("anderson", dict(m=args.m)),
+            "torchdeq broyden": make("broyden", {})}
+
+
+def backward_run(cell: ConvCell, x, z0, forward: Callable, device) -> tuple[float, int]:
+    """One training step's forward (saved bytes counted) and its timed backward."""
+    cell.zero_grad(set_to_none=True)
+    with SavedTensorMeter(exclude=cell.parameters()) as meter:
+        z = forward(cell.closure(x), z0)
+        loss = (z * torch.linspace(-1, 1, z.numel(), device=device).view_as(z)).sum()
+    with Timer(device) as timer:
+        loss.backward()
+    return timer.ms, meter.bytes
+
+
+def grad_row(label: str, forward: Callable, cell, x, z0, args, device) -> dict:
+    backward_run(cell, x, z0, forward, device)
+    runs = [backward_run(cell, x, z0, forward, device) for _ in range(args.repeats)]
+    return dict(grad=label, backward_ms=statistics.median(r[0] for r in runs),
+                saved_bytes=runs[-1][1])
+
+
+def ours_forward(args, f_max_iter: int | None = None, **options) -> Callable:
+    deq = DEQ(solver="broyden", f_max_iter=f_max_iter or args.f_max_iter, f_tol=args.f_tol,
+              stop_mode="rel", **options)
+    return lambda f, z0: deq(f, z0)[0]
+
+
+def torchdeq_forwards(args) -> dict[str, Callable]:
+    try:
+        from torchdeq import get_deq
+    except ImportError:
+        return {}
+    common = dict(f_solver="broyden", f_max_iter=args.f_max_iter, f_tol=args.f_tol,
+                  f_stop_mode="rel", b_solver="anderson", b_max_iter=40, b_tol=1e-6)
+    deqs = {"torchdeq implicit": get_deq(ift=True, **common),
+            "torchdeq upg A(5,0.5)": get_deq(grad=5, tau=0.5, **common)}
+    return {label: (lambda f, z0, d=deq: d(f, z0)[0][-1]) for label, deq in deqs.items()}
+
+
+def grad_rows(cell, x, z0, args, device) -> list[dict]:
+    forwards = {f"ours {label}": ours_forward(args, **options) for label, options in GRADS.items()}
+    forwards.update(torchdeq_forwards(args))
+    rows = [grad_row(label, fwd, cell, x, z0, args, device) for label, fwd in forwards.items()]
+    base = rows[0]["backward_ms"]
+    for row in rows:
+        row["speedup_vs_implicit"] = base / row["backward_ms"]
+    return rows
+
+
+def depth_check(cell, x, z0, args, device) -> dict:
+    """Bytes saved for backward by implicit with 10 and 40 forward steps (tolerance unreachable)."""
+    saved = {}
+    for depth in (10, 40):
+        deq = DEQ(solver="broyden", f_max_iter=depth, f_tol=1e-12, stop_mode="rel",
+                  **GRADS["implicit"])
+        forward = lambda f, z, d=deq: d(f, z)[0]  # noqa: E731
+        saved[depth] = backward_run(cell, x, z0, forward, device)[1]
+    return saved
+
+
+def print_tables(solvers: list[dict], grads: list[dict], depth: dict) -> None:
+    print(f"bare f evaluation: {solvers[0]['bare_f_ms']:.2f} ms")
+    print(f"{'solver':<20}{'forward ms':>12}{'f evals':>9}{'ms/f-eval':>11}{'overhead':>10}")
+    for r in solvers:
+        print(f"{r['solver']:<20}{r['forward_ms']:>12.1f}{r['f_evals']:>9.1f}"
+              f"{r['ms_per_f']:>11.2f}{r['overhead']:>9.1%}")
+    by_name = {r["solver"]: r for r in solvers}
+    for name in ("anderson", "broyden"):
+        if f"torchdeq {name}" in by_name:
+            ours, theirs = by_name[f"ours {name}"], by_name[f"torchdeq {name}"]
+            ratio = ours["forward_ms"] / theirs["forward_ms"]
+            print(f"ours/torchdeq forward time, {name}: {ratio:.2f}x")
+    print(f"\n{'grad':<26}{'backward ms':>12}{'speed-up vs implicit':>22}{'saved MB':>10}")
+    for r in grads:
+        print(f"{r['grad']:<26}{r['backward_ms']:>12.1f}{r['speedup_vs_implicit']:>21.1f}x"
+              f"{r['saved_bytes'] / 2**20:>10.2f}")
+    by_grad = {r["grad"]: r for r in grads}
+    for name in ("implicit", "upg A(5,0.5)"):
+        if f"torchdeq {name}" in by_grad:
+            ours, theirs = by_grad[f"ours {name}"], by_grad[f"torchdeq {name}"]
+            ratio = ours["backward_ms"] / theirs["backward_ms"]
+            print(f"ours/torchdeq backward time, {name}: {ratio:.2f}x")
+    same = "identical" if depth[10] == depth[40] else "DIFFERENT"
+    print(f"\nimplicit saved bytes, f_max_iter 10 vs 40: {depth[10]} vs {depth[40]} ({same})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--f-max-iter", type=int, default=30)
+    parser.add_argument("--f-tol", type=float, default=1e-3)
+    parser.add_argument("--m", type=int, default=5, help="Anderson history (both libraries)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    cell = ConvCell().to(device)
+    x = torch.randn(32, 3, 16, 16, device=device)
+    z0 = torch.zeros(32, 24, 16, 16, device=device)
+    with torch.no_grad():
+        f = cell.closure(x)
+    solvers = solver_rows(f, z0, args, device)
+    grads = grad_rows(cell, x, z0, args, device)
+    depth = depth_check(cell, x, z0, args, device)
+    print_tables(solvers, grads, depth)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(dict(solvers=solvers, grads=grads, implicit_saved_bytes=depth), out, indent=1)
+
+
+if __name__ == "__main__":
+    main()
