@@ -3,15 +3,23 @@
 It knows nothing of data, tasks, models, Hydra or loggers.
 """
 
-from .deq import DEQ, DEQStats, solver_option_names
+from .deq import DEQ, DEQStats
 from .gradients import GRADIENTS, register_gradient
 from .jacobian import jacobian_penalty, spectral_radius
 from .norm import apply_spectral_norm, apply_weight_norm, reset_norms
-from .solvers import SOLVERS, LowRankInverse, SolverResult, register_solver
+from .solvers import (
+    SOLVERS,
+    LowRankInverse,
+    SolverResult,
+    check_solver_options,
+    register_solver,
+    solver_option_names,
+)
 from .state import StateLayout
 
 __all__ = [
     "DEQ", "DEQStats", "GRADIENTS", "SOLVERS", "LowRankInverse", "SolverResult", "StateLayout",
-    "apply_spectral_norm", "apply_weight_norm", "jacobian_penalty", "register_gradient",
-    "register_solver", "reset_norms", "solver_option_names", "spectral_radius",
+    "apply_spectral_norm", "apply_weight_norm", "check_solver_options", "jacobian_penalty",
+    "register_gradient", "register_solver", "reset_norms", "solver_option_names",
+    "spectral_radius",
 ]

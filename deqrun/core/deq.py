@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -13,10 +12,16 @@ from torch import nn
 
 from .gradients import GRADIENTS
 from .jacobian import jacobian_penalty
-from .solvers import SOLVERS, STOP_MODES, SolverResult, _Tracker
+from .solvers import (
+    SOLVERS,
+    STOP_MODES,
+    SolverResult,
+    _Tracker,
+    check_solver_options,
+    solver_option_names,
+)
 from .state import State, StateLayout
 
-SOLVER_CORE_ARGS = ("f", "z", "max_iter", "tracker", "layout")
 _PY_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict}
 
 
@@ -56,12 +61,6 @@ class DEQStats:
     @property
     def diverged(self) -> torch.Tensor:
         return self.forward.diverged
-
-
-def solver_option_names(solver: str) -> list[str]:
-    """Keyword options a registered solver accepts beyond the common ones."""
-    params = inspect.signature(SOLVERS[solver].__wrapped__).parameters
-    return [n for n in params if n not in SOLVER_CORE_ARGS]
 
 
 def _unknown(name: str, valid: list[str], where: str) -> ValueError:
@@ -109,6 +108,7 @@ class DEQ(nn.Module):
         self.eval_f_tol = float(eval_f_tol or f_tol)
         self.pretrain_depth, self.jac_reg, self.jac_samples = pretrain_depth, jac_reg, jac_samples
         self.solver_options, grad_options = self._split_options(options)
+        check_solver_options(self.solver_name, self.solver_options)
         self.gradient = GRADIENTS[grad](**grad_options)
         if getattr(self.gradient, "needs_lowrank", False) and solver != "broyden":
             raise ValueError(f"grad={grad} needs solver=broyden (got solver={solver})")

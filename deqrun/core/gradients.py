@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .solvers import SOLVERS, STOP_MODES, SolverResult
+from .solvers import SOLVERS, STOP_MODES, SolverResult, check_solver_options
 
 GRADIENTS: dict[str, type] = {}
 FlatMap = Callable[[torch.Tensor], torch.Tensor]
@@ -83,6 +83,7 @@ class Implicit:
         _check(self.b_max_iter >= 1, f"b_max_iter must be >= 1, got {self.b_max_iter}")
         _check(self.b_tol > 0, f"b_tol must be > 0, got {self.b_tol}")
         _check(self.b_stop_mode in STOP_MODES, f"b_stop_mode must be one of {STOP_MODES}")
+        check_solver_options(self.b_solver, dict(self.b_solver_options))
         self._last_w: torch.Tensor | None = None
 
     def solve_adjoint(self, vjp: FlatMap, grad: torch.Tensor) -> SolverResult:

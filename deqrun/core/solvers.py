@@ -9,6 +9,7 @@ Each solver is a plain function `solve(f, z0, *, max_iter, tol, stop_mode, **opt
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -166,6 +167,28 @@ def register_solver(name: str):
         return solve
 
     return wrap
+
+
+def solver_option_names(name: str) -> list[str]:
+    """The options a user may set for a registered solver (beyond max_iter, tol, stop_mode)."""
+    internal = ("f", "z", "max_iter", "tracker", "layout", "init_lowrank")
+    return [p for p in inspect.signature(SOLVERS[name].__wrapped__).parameters if p not in internal]
+
+
+def check_solver_options(name: str, options: dict) -> None:
+    """Raise ValueError now for an unknown solver, option name or option value.
+
+    Values are checked by running the solver for one step on a one-dimensional contraction, so
+    a bad value fails at construction, not in the middle of training.
+    """
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; valid: {', '.join(sorted(SOLVERS))}")
+    valid = solver_option_names(name)
+    for option in options:
+        if option not in valid:
+            raise ValueError(f"unknown option {option!r} for solver {name!r}; valid: "
+                             f"{', '.join(valid) or 'none'}")
+    SOLVERS[name](lambda z: 0.5 * z, torch.ones(1, 1), max_iter=2, tol=1.0, **options)
 
 
 @register_solver("fixed_point")
