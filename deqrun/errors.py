@@ -13,3 +13,11 @@ class ConfigError(UserError):
 
 class DataNotFoundError(UserError):
     """A data set is missing or unreadable at the expected location."""
+
+
+class Interrupted(Exception):
+    """A run stopped on a signal after saving its checkpoint; `signum` is the signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
