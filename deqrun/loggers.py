@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +101,7 @@ def _wandb_id(run_dir: Path) -> str:
     """A stable run id per run folder, so a resumed run continues the same wandb run."""
     id_file = run_dir / ".wandb_id"
     if not id_file.exists():
-        import wandb
-
-        id_file.write_text(wandb.util.generate_id())
+        id_file.write_text(uuid.uuid4().hex[:8])
     return id_file.read_text().strip()
 
 

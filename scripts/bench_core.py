@@ -55,50 +55,69 @@ class ConvCell(nn.Module):
         return f
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    fn()
-    times = []
+def interleaved(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Median of each run's own measurement (ms), the runs taking turns so drift hits all alike."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(repeats):
+        for label, run in runs.items():
+            times[label].append(run())
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> Callable[[], float]:
+    """A run that times fn."""
+
+    def run() -> float:
         with Timer(device) as timer:
             fn()
-        times.append(timer.ms)
-    return statistics.median(times)
+        return timer.ms
+
+    return run
 
 
 class Counted:
-    """f that counts its calls."""
+    """f that counts its calls and the (synchronised) time spent inside them."""
 
-    def __init__(self, f: Callable) -> None:
-        self.f, self.calls = f, 0
+    def __init__(self, f: Callable, device: torch.device) -> None:
+        self.f, self.device, self.calls, self.ms = f, device, 0, 0.0
 
     def __call__(self, z):
         self.calls += 1
-        return self.f(z)
+        with Timer(self.device) as timer:
+            out = self.f(z)
+        self.ms += timer.ms
+        return out
 
 
-def bare_f_ms(f: Callable, z0: torch.Tensor, device: torch.device, repeats: int) -> float:
-    with torch.no_grad():
-        return median_ms(lambda: [f(z0) for _ in range(10)], device, repeats) / 10
+BARE_CALLS = 10
 
 
 def solver_rows(f, z0, args, device) -> list[dict]:
-    """Our solvers (and torchdeq's anderson/broyden) at one tolerance and budget."""
-    runs = {f"ours {name}": _ours_solver(name, args) for name in SOLVERS}
-    runs.update(_torchdeq_solvers(args))
-    rows, f_ms = [], bare_f_ms(f, z0, device, args.repeats)
-    for label, solve in runs.items():
-        ms, evals = time_solver(solve, f, z0, device, args.repeats)
-        rows.append(dict(solver=label, forward_ms=ms, f_evals=evals, ms_per_f=ms / evals,
-                         overhead=ms / (evals * f_ms) - 1, bare_f_ms=f_ms))
-    return rows
+    """Our solvers (and torchdeq's anderson/broyden) at one tolerance and budget.
 
-
-def time_solver(solve: Callable, f: Callable, z0, device, repeats: int) -> tuple[float, float]:
-    """Median forward ms and f evaluations per solve."""
-    counted = Counted(f)
+    overhead: solver time outside f over time inside f, in the same solves; vs_bare_f: forward
+    time over f-evaluations x the time of one f evaluation called on its own.
+    """
+    solves = {f"ours {name}": _ours_solver(name, args) for name in SOLVERS}
+    solves.update(_torchdeq_solvers(args))
+    counters = {label: Counted(f, device) for label in solves}
+    runs = {label: timed(lambda s=solve, c=counters[label]: s(c, z0), device)
+            for label, solve in solves.items()}
+    runs["bare f"] = timed(lambda: [f(z0) for _ in range(BARE_CALLS)], device)
     with torch.no_grad():
-        ms = median_ms(lambda: solve(counted, z0), device, repeats)
-    return ms, counted.calls / (repeats + 1)
+        ms = interleaved(runs, args.repeats)
+    f_ms = ms.pop("bare f") / BARE_CALLS
+    rows = []
+    for label, forward_ms in ms.items():
+        counter, solves_run = counters[label], args.repeats + 1
+        evals, in_f = counter.calls / solves_run, counter.ms / solves_run
+        rows.append(dict(solver=label, forward_ms=forward_ms, f_evals=evals,
+                         ms_per_f=forward_ms / evals, in_f_ms=in_f,
+                         overhead=forward_ms / in_f - 1, vs_bare_f=forward_ms / (evals * f_ms) - 1,
+                         bare_f_ms=f_ms))
+    return rows
 
 
 def _ours_solver(name: str, args) -> Callable:
@@ -121,22 +140,16 @@ def _torchdeq_solvers(args) -> dict[str, Callable]:
             "torchdeq broyden": make("broyden", {})}
 
 
-def backward_run(cell: ConvCell, x, z0, forward: Callable, device) -> tuple[float, int]:
-    """One training step's forward (saved bytes counted) and its timed backward."""
+def backward_run(cell: ConvCell, x, z0, forward: Callable, device, saved: dict) -> float:
+    """One training step's forward (saved bytes recorded) and its timed backward (returned)."""
     cell.zero_grad(set_to_none=True)
     with SavedTensorMeter(exclude=cell.parameters()) as meter:
         z = forward(cell.closure(x), z0)
         loss = (z * torch.linspace(-1, 1, z.numel(), device=device).view_as(z)).sum()
+    saved["bytes"] = meter.bytes
     with Timer(device) as timer:
         loss.backward()
-    return timer.ms, meter.bytes
-
-
-def grad_row(label: str, forward: Callable, cell, x, z0, args, device) -> dict:
-    backward_run(cell, x, z0, forward, device)
-    runs = [backward_run(cell, x, z0, forward, device) for _ in range(args.repeats)]
-    return dict(grad=label, backward_ms=statistics.median(r[0] for r in runs),
-                saved_bytes=runs[-1][1])
+    return timer.ms
 
 
 def ours_forward(args, f_max_iter: int | None = None, **options) -> Callable:
@@ -160,11 +173,13 @@ def torchdeq_forwards(args) -> dict[str, Callable]:
 def grad_rows(cell, x, z0, args, device) -> list[dict]:
     forwards = {f"ours {label}": ours_forward(args, **options) for label, options in GRADS.items()}
     forwards.update(torchdeq_forwards(args))
-    rows = [grad_row(label, fwd, cell, x, z0, args, device) for label, fwd in forwards.items()]
-    base = rows[0]["backward_ms"]
-    for row in rows:
-        row["speedup_vs_implicit"] = base / row["backward_ms"]
-    return rows
+    saved = {label: {} for label in forwards}
+    runs = {label: (lambda fwd=fwd, s=saved[label]: backward_run(cell, x, z0, fwd, device, s))
+            for label, fwd in forwards.items()}
+    ms = interleaved(runs, args.repeats)
+    base = ms["ours implicit"]
+    return [dict(grad=label, backward_ms=value, speedup_vs_implicit=base / value,
+                 saved_bytes=saved[label]["bytes"]) for label, value in ms.items()]
 
 
 def depth_check(cell, x, z0, args, device) -> dict:
@@ -173,17 +188,20 @@ def depth_check(cell, x, z0, args, device) -> dict:
     for depth in (10, 40):
         deq = DEQ(solver="broyden", f_max_iter=depth, f_tol=1e-12, stop_mode="rel",
                   **GRADS["implicit"])
-        forward = lambda f, z, d=deq: d(f, z)[0]  # noqa: E731
-        saved[depth] = backward_run(cell, x, z0, forward, device)[1]
+        record: dict = {}
+        backward_run(cell, x, z0, lambda f, z, d=deq: d(f, z)[0], device, record)
+        saved[depth] = record["bytes"]
     return saved
 
 
 def print_tables(solvers: list[dict], grads: list[dict], depth: dict) -> None:
     print(f"bare f evaluation: {solvers[0]['bare_f_ms']:.2f} ms")
-    print(f"{'solver':<20}{'forward ms':>12}{'f evals':>9}{'ms/f-eval':>11}{'overhead':>10}")
+    print(f"{'solver':<20}{'forward ms':>12}{'f evals':>9}{'ms/f-eval':>11}{'in f ms':>9}"
+          f"{'overhead':>10}{'vs bare f':>11}")
     for r in solvers:
         print(f"{r['solver']:<20}{r['forward_ms']:>12.1f}{r['f_evals']:>9.1f}"
-              f"{r['ms_per_f']:>11.2f}{r['overhead']:>9.1%}")
+              f"{r['ms_per_f']:>11.2f}{r['in_f_ms']:>9.1f}{r['overhead']:>10.1%}"
+              f"{r['vs_bare_f']:>11.1%}")
     by_name = {r["solver"]: r for r in solvers}
     for name in ("anderson", "broyden"):
         if f"torchdeq {name}" in by_name:
@@ -207,7 +225,7 @@ def print_tables(solvers: list[dict], grads: list[dict], depth: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--f-max-iter", type=int, default=30)
     parser.add_argument("--f-tol", type=float, default=1e-3)
     parser.add_argument("--m", type=int, default=5, help="Anderson history (both libraries)")

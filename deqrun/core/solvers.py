@@ -111,15 +111,19 @@ class _Tracker:
     def best(self) -> torch.Tensor:
         return self.best_rel if self.stop_mode == "rel" else self.best_abs
 
-    def update(self, z: torch.Tensor, fz: torch.Tensor, g: torch.Tensor) -> bool:
-        """Record iterate z with f(z) and g = f(z) - z; return True when the solve should stop."""
-        abs_res = g.norm(dim=1)
+    def update(self, z: torch.Tensor, fz: torch.Tensor, g: torch.Tensor,
+               abs_res: torch.Tensor | None = None) -> bool:
+        """Record iterate z with f(z) and g = f(z) - z; return True when the solve should stop.
+
+        abs_res = ||g|| per sample may be passed when the solver has it already.
+        """
+        abs_res = g.norm(dim=1) if abs_res is None else abs_res
         rel_res = abs_res / (fz.norm(dim=1) + REL_EPS)
         res = rel_res if self.stop_mode == "rel" else abs_res
         finite = torch.isfinite(res)
         self.diverged |= ~finite
         self.improved = finite & (res < self.best())
-        self.best_z = torch.where(self.improved.unsqueeze(1), z, self.best_z)
+        torch.where(self.improved.unsqueeze(1), z, self.best_z, out=self.best_z)
         self.best_abs = torch.where(self.improved, abs_res, self.best_abs)
         self.best_rel = torch.where(self.improved, rel_res, self.best_rel)
         self.abs_trace.append(abs_res)
@@ -212,22 +216,23 @@ def anderson(f, z, max_iter, tracker, layout, *, m: int = 5, lam: float = 1e-4,
     if m < 1 or lam < 0 or not 0 < beta <= 1:
         raise ValueError(f"anderson needs m >= 1, lam >= 0, 0 < beta <= 1; got {m}, {lam}, {beta}")
     batch, dim = z.shape
-    f_hist = z.new_zeros(batch, m, dim)
-    g_hist = z.new_zeros(batch, m, dim)
+    f_hist, g_hist = z.new_empty(batch, m, dim), z.new_empty(batch, m, dim)
+    iterates = (z, z.new_empty(batch, dim))
     gram = torch.zeros(batch, m, m, dtype=torch.float64, device=z.device)
     for k in range(max_iter):
         fz = f(z)
         slot, n = k % m, min(k + 1, m)
         g = torch.sub(fz, z, out=g_hist[:, slot])
-        if tracker.update(z, fz, g):
+        row = torch.bmm(g_hist[:, :n], g.unsqueeze(2)).squeeze(2)
+        if tracker.update(z, fz, g, abs_res=row[:, slot].clamp_min(0).sqrt()):
             break
         f_hist[:, slot] = fz
-        row = torch.bmm(g_hist[:, :n], g.unsqueeze(2)).squeeze(2).double()
         gram[:, slot, :n], gram[:, :n, slot] = row, row
         alpha = _anderson_weights(gram[:, :n, :n], lam).to(z.dtype).unsqueeze(1)
-        z = torch.bmm(alpha, f_hist[:, :n]).squeeze(1)
+        z = iterates[(k + 1) % 2]
+        torch.bmm(alpha, f_hist[:, :n], out=z.unsqueeze(1))
         if beta != 1.0:
-            z = z - (1 - beta) * torch.bmm(alpha, g_hist[:, :n]).squeeze(1)
+            z.sub_((1 - beta) * torch.bmm(alpha, g_hist[:, :n]).squeeze(1))
     return tracker.result(layout, len(tracker.abs_trace))
 
 
@@ -242,7 +247,7 @@ def _anderson_weights(gram: torch.Tensor, lam: float) -> torch.Tensor:
     batch, n, _ = gram.shape
     system = gram.new_zeros(batch, n + 1, n + 1)
     system[:, 0, 1:], system[:, 1:, 0] = 1.0, 1.0
-    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(gram.dtype).tiny)
+    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
     ridge = (lam * scale).view(batch, 1, 1) * torch.eye(n, dtype=gram.dtype, device=gram.device)
     system[:, 1:, 1:] = gram + ridge
     rhs = gram.new_zeros(batch, n + 1, 1)
@@ -264,6 +269,10 @@ def broyden(f, z, max_iter, tracker, layout, *, mem: int | None = None,
     (those r pairs are kept for the whole solve). Samples whose residual explodes (> 1e6 x the
     first) are frozen and marked diverged (protective break); the solve ends when every sample
     is done.
+
+    Every step is the full quasi-Newton step p = -B g, so the update needs one product with B
+    and one with B^T: with q = B g_new and v = B^T p, the new pair is u = -q / (v . dg), and the
+    next step is a multiple of q (see _BroydenMemory.update).
     """
     mem = max_iter - 1 if mem is None else int(mem)
     if mem < 1:
@@ -272,21 +281,25 @@ def broyden(f, z, max_iter, tracker, layout, *, mem: int | None = None,
     fz = f(z)
     g = fz - z
     done = tracker.update(z, fz, g)
-    b_g = memory.matvec(g)
+    step = memory.matvec(g).neg_()
     frozen = torch.zeros_like(tracker.diverged)
     for _ in range(max_iter - 1):
         if done:
             break
-        dz = torch.where(frozen.unsqueeze(1), 0.0, -b_g)
-        z_new = z + dz
-        fz = f(z_new)
-        g_new = fz - z_new
-        done = tracker.update(z_new, fz, g_new)
-        frozen |= tracker.exploded() | tracker.diverged
-        done = done or bool((frozen | (tracker.best() <= tracker.tol)).all())
-        b_g = memory.update(dz, g_new - g, g_new, b_g, tracker.improved)
-        z, g = z_new, g_new
-    lowrank = memory.lowrank(tracker)
+        z = z + step
+        fz = f(z)
+        g_new = fz - z
+        done = tracker.update(z, fz, g_new)
+        tracker.diverged |= tracker.exploded()
+        frozen |= tracker.diverged
+        any_frozen, all_done = torch.stack(
+            [frozen.any(), (frozen | (tracker.best() <= tracker.tol)).all()]).tolist()
+        done = done or all_done
+        step = memory.update(step, g.sub_(g_new).neg_(), g_new, tracker.improved)
+        if any_frozen:
+            step.masked_fill_(frozen.unsqueeze(1), 0.0)
+        g = g_new
+    lowrank = memory.lowrank()
     return tracker.result(layout, len(tracker.abs_trace), lowrank)
 
 
@@ -296,8 +309,8 @@ class _BroydenMemory:
     def __init__(self, z: torch.Tensor, mem: int, init_lowrank: tuple | None) -> None:
         batch, dim = z.shape
         n_init = 0 if init_lowrank is None else init_lowrank[0].shape[1]
-        self.u = z.new_zeros(batch, n_init + mem, dim)
-        self.v = z.new_zeros(batch, n_init + mem, dim)
+        self.u = z.new_empty(batch, n_init + mem, dim)
+        self.v = z.new_empty(batch, n_init + mem, dim)
         if n_init:
             self.u[:, :n_init], self.v[:, :n_init] = init_lowrank[0], init_lowrank[1]
         self.n_init, self.mem, self.count = n_init, mem, 0
@@ -308,30 +321,48 @@ class _BroydenMemory:
         return slice(0, self.n_init + min(self.count, self.mem))
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.active()
-        return -x + _lowrank_apply(self.u[:, s], self.v[:, s], x)
+        """B x = -x + sum_j u_j (v_j . x)."""
+        return _minus_plus_lowrank(x, self.u[:, self.active()], self.v[:, self.active()])
 
     def rmatvec(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.active()
-        return -x + _lowrank_apply(self.v[:, s], self.u[:, s], x)
+        """x^T B = -x + sum_j v_j (u_j . x)."""
+        return _minus_plus_lowrank(x, self.v[:, self.active()], self.u[:, self.active()])
 
-    def update(self, dz, dg, g_new, b_g, improved) -> torch.Tensor:
-        """Add the pair for step (dz, dg); return B_new g_new."""
-        b_g_new = self.matvec(g_new)
-        v = self.rmatvec(dz)
-        denom = (v * dg).sum(dim=1, keepdim=True)
-        ok = denom.abs() > torch.finfo(denom.dtype).tiny ** 0.5
-        u = torch.where(ok, (dz - (b_g_new - b_g)) / torch.where(ok, denom, 1.0), 0.0)
+    def update(self, step, dg, g_new, improved) -> torch.Tensor:
+        """Add the pair of the step just taken (dz = step, dg); return the next step -B_new g_new.
+
+        With dz = -B g: B dg = B g_new + dz, so u = (dz - B dg) / (v . dg) = -q / (v . dg) with
+        q = B g_new, and B_new g_new = q + u (v . g_new) = q (1 - v . g_new / v . dg).
+        """
+        q = self.matvec(g_new)
+        v = self.rmatvec(step)
+        denom = _rowdot(v, dg)
+        tiny = torch.finfo(denom.dtype).tiny ** 0.5
+        denom = torch.where(denom.abs() > tiny, denom, torch.inf)
         slot = self.n_init + self.count % self.mem
-        self.u[:, slot], self.v[:, slot] = u, v
+        torch.div(q, denom.neg(), out=self.u[:, slot])
+        self.v[:, slot] = v
         self.count += 1
         self.slot_update[slot] = self.count
         self.count_at_best = torch.where(improved, self.count, self.count_at_best)
-        return b_g_new + u * (v * g_new).sum(dim=1, keepdim=True)
+        return q.mul_(_rowdot(v, g_new).div_(denom).sub_(1.0))
 
-    def lowrank(self, tracker: _Tracker) -> LowRankInverse:
+    def lowrank(self) -> LowRankInverse:
         s = self.active()
         stamp = self.slot_update[s].unsqueeze(0)
         valid = (stamp <= self.count_at_best.unsqueeze(1)) & (stamp > 0)
         valid[:, : self.n_init] = True
         return LowRankInverse(self.u[:, s], self.v[:, s], valid)
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row dot products of (batch, dim) tensors, as (batch, 1)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).squeeze(2)
+
+
+def _minus_plus_lowrank(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """-x + sum_j left_j (right_j . x), fused in one batched multiply-add."""
+    if left.shape[1] == 0:
+        return x.neg()
+    coef = torch.bmm(right, x.unsqueeze(2)).transpose(1, 2)
+    return torch.baddbmm(x.unsqueeze(1), coef, left, beta=-1).squeeze(1)

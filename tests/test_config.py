@@ -1,0 +1,119 @@
+"""Composition of every config option, schema checks, shorthands, launchers."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from deqrun.cli import config_dir
+from deqrun.config import AVAILABLE_GRADS, AVAILABLE_MODELS, register_configs, resolve
+from deqrun.errors import ConfigError
+
+CONFIGS = config_dir()
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def composed(*overrides: str, hydra: bool = False):
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def test_every_group_has_its_options():
+    assert options("model") == ["deq_transformer", "ignn", "imfn", "isiren", "mdeq"]
+    assert options("solver") == ["anderson", "broyden", "fixed_point"]
+    assert options("grad") == ["implicit", "jacobian_free", "jiio", "npg", "shine", "upg"]
+    assert options("task") == ["cifar10", "digits", "imagenet", "mnist"]
+    assert options("logger") == ["csv", "jsonl", "none", "wandb"]
+
+
+@pytest.mark.parametrize("group", ["solver", "grad", "task", "optim", "logger", "trainer", "model"])
+def test_every_option_composes_and_resolves(group):
+    for option in options(group):
+        overrides = [f"{group}={option}"]
+        if option == "shine":
+            overrides.append("solver=broyden")
+        cfg = composed(*overrides)
+        assert group == "trainer" or cfg[group].name == option
+        planned = option not in AVAILABLE_MODELS + AVAILABLE_GRADS and group in ("model", "grad")
+        if planned:
+            with pytest.raises(ConfigError, match="not available yet"):
+                resolve(cfg)
+        else:
+            run, resolved = resolve(cfg)
+            assert getattr(run, group).__class__.__name__.endswith("Config")
+            assert resolved[group] == dict(cfg[group])
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "large"])
+def test_mdeq_sizes_resolve(size):
+    run, _ = resolve(composed(f"model.size={size}"))
+    assert run.model.size == size
+
+
+def test_root_shorthands_feed_the_grad_group():
+    run, resolved = resolve(composed("model=mdeq", "grad=upg", "k=5", "lambda=0.5"))
+    assert (run.grad.k, run.grad.lambda_) == (5, 0.5)
+    assert resolved["grad"] == {"name": "upg", "k": 5, "lambda_": 0.5}
+    run, _ = resolve(composed("grad=npg", "k=3", "lambda=1"))
+    assert (run.grad.name, run.grad.k, run.grad.lambda_) == ("npg", 3, 1)
+
+
+def test_shorthand_is_noted_not_applied_for_grads_without_it():
+    run, _ = resolve(composed("grad=implicit", "k=3"))
+    assert run.notes == ["k=3 ignored: grad=implicit has no k"]
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["grad=upg", "k=-1"], "k must be >= 1"),
+    (["lambda=1.5"], "lambda_ must be in"),
+    (["k=2.5"], "k must be an integer"),
+    (["lambda=abc"], "lambda must be a number"),
+    (["grad=shine", "solver=anderson"], "needs solver=broyden"),
+    (["solver=fixed_point", "solver.tau=0"], "tau must be in"),
+    (["solver.f_max_iter=0"], "f_max_iter"),
+    (["grad=implicit", "grad.b_solver=newton"], "b_solver must be one of"),
+    (["grad=implicit", "+grad.b_solver_options.mm=2"], "unknown option 'mm'"),
+    (["model.size=huge"], "huge"),
+    (["model.branch_channels=[8,8,8]"], "branch_channels"),
+    (["optim.lr=-1"], "optim.lr"),
+    (["trainer.epochs=0"], "trainer.epochs"),
+    (["trainer.device=tpu"], "trainer.device"),
+    (["model=ignn"], "not available yet"),
+    (["grad=jiio"], "not available yet"),
+])
+def test_out_of_range_values_fail_with_one_line(overrides, match):
+    with pytest.raises(ConfigError, match=match) as error:
+        resolve(composed(*overrides))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("override", [
+    "solver.f_tol=abc", "typo_key=1", "grad.typo=1", "trainer.epochs=many", "model.size=[1]",
+    "solver=anderson solver.mem=3",
+])
+def test_schema_rejects_wrong_types_and_unknown_keys(override):
+    with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)):
+        composed(*override.split())
+
+
+def test_launcher_presets_compose():
+    slurm = composed("launcher=slurm", hydra=True)
+    assert slurm.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert slurm.hydra.launcher.gpus_per_node == 1 and slurm.trainer.device == "cuda"
+    joblib = composed("launcher=joblib", hydra=True)
+    assert joblib.hydra.launcher._target_.endswith("JoblibLauncher")
+    plain = composed(hydra=True)
+    assert plain.hydra.launcher._target_.endswith("BasicLauncher")
+
+
+def test_default_experiment_is_mdeq_tiny_digits_upg():
+    run, _ = resolve(composed())
+    assert (run.model.name, run.model.size, run.task.name, run.grad.name) == (
+        "mdeq", "tiny", "digits", "upg")
+    assert run.solver.name == "broyden"
