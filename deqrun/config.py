@@ -304,6 +304,9 @@ class RunConfig:
 
 
 GROUPS = ("model", "solver", "grad", "task", "optim", "logger", "trainer")
+GRAD_SCHEMA_OF = {"upg": "phantom", "npg": "phantom", "jiio": "planned"}
+MODEL_SCHEMA_OF = {"deq_transformer": "planned", "ignn": "planned", "isiren": "planned",
+                   "imfn": "planned"}
 TASKS_OF_MODEL = {"mdeq": ("digits", "mnist", "cifar10", "imagenet")}
 
 
@@ -358,3 +361,17 @@ def _check_deq(run: RunConfig) -> None:
         DEQ(**run.deq_options())
     except ValueError as error:
         raise ConfigError(f"solver={run.solver.name} grad={run.grad.name}: {error}") from None
+
+
+def config_from_resolved(resolved: dict[str, Any]) -> RunConfig:
+    """The typed config of a finished run, from the resolved dict saved in its metrics.json."""
+    schema_names = {
+        "model": MODEL_SCHEMA_OF.get(resolved["model"]["name"], resolved["model"]["name"]),
+        "solver": resolved["solver"]["name"],
+        "grad": GRAD_SCHEMA_OF.get(resolved["grad"]["name"], resolved["grad"]["name"]),
+        "task": "image", "optim": "optim", "logger": "logger", "trainer": "trainer"}
+    groups = {}
+    for group, schema in schema_names.items():
+        node = OmegaConf.merge(OmegaConf.structured(SCHEMAS[group][schema]), resolved[group])
+        groups[group] = OmegaConf.to_object(node)
+    return RunConfig(**groups, run_name=str(resolved.get("run_name", "")), notes=[])

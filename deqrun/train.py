@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from deqrun import gradcheck
 from deqrun.config import RunConfig
 from deqrun.core import DEQ
 from deqrun.errors import ConfigError, Interrupted
@@ -57,9 +58,7 @@ def run(config: RunConfig, resolved: dict[str, Any], run_dir: Path) -> dict[str,
     trainer = config.trainer
     device = select_device(trainer.device)
     seed_everything(trainer.seed, trainer.deterministic, trainer.threads, device)
-    task = build_task(config)
-    model = build_model(config.model.name, config.model.options(), deq=DEQ(**config.deq_options()),
-                        in_channels=task.in_channels, num_classes=task.num_classes).to(device)
+    task, model = build_task_and_model(config, device)
     steps_per_epoch = math.ceil(len(task.train_set) / trainer.batch_size)
     total_steps = min(trainer.epochs * steps_per_epoch, trainer.max_steps or math.inf)
     optimizer = build_optimizer(config, model)
@@ -132,6 +131,9 @@ def train_step(context: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
     config, task, model = context["config"], context["task"], context["model"]
     optimizer, scheduler, device = context["optimizer"], context["scheduler"], context["device"]
     pretrain = progress.step < config.trainer.pretrain_steps
+    every = config.trainer.precision_every
+    check_precision = every > 0 and not pretrain and progress.step % every == 0
+    state_before = gradcheck.rng_state(device) if check_precision else None
     model.train()
     reset_peak_memory(device)
     with SavedTensorMeter(exclude=model.parameters()) as saved, Timer(device) as forward:
@@ -142,6 +144,7 @@ def train_step(context: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
     optimizer.zero_grad(set_to_none=True)
     with Timer(device) as backward:
         loss.backward()
+    cosine = exact_cosine(context, x, y, state_before) if check_precision else None
     with Timer(device) as update:
         if config.optim.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
@@ -158,7 +161,20 @@ def train_step(context: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
     if stats.backward is not None:
         record["backward_nstep"] = float(stats.backward.nstep.float().mean())
         record["backward_residual"] = float(stats.backward.residual.mean())
+    if cosine is not None:
+        record["grad_cosine"] = cosine
     return record
+
+
+def exact_cosine(context: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
+                 state: dict[str, Any]) -> float:
+    """Cosine between this step's gradient and the exact one on the same batch and masks."""
+    model, device = context["model"], context["device"]
+    params = gradcheck.implicit_parameters(model)
+    used = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+    exact = gradcheck.parameter_gradients(model, context["task"], x, y, params,
+                                          gradcheck.exact_method(), state, device)
+    return gradcheck.cosine(used, exact)
 
 
 def accumulate(progress: Progress, record: dict[str, Any]) -> None:
@@ -282,6 +298,14 @@ def seed_everything(seed: int, deterministic: bool, threads: int | None,
         if device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def build_task_and_model(config: RunConfig, device: torch.device) -> tuple[Any, nn.Module]:
+    """The task (data, loss, metric) and the model around a DEQ layer, on `device`."""
+    task = build_task(config)
+    model = build_model(config.model.name, config.model.options(), deq=DEQ(**config.deq_options()),
+                        in_channels=task.in_channels, num_classes=task.num_classes)
+    return task, model.to(device)
 
 
 def build_task(config: RunConfig):

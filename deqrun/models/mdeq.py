@@ -328,6 +328,11 @@ class MDEQ(nn.Module):
         keep = 1.0 - self.spec.dropout
         return [torch.empty_like(z[:, :, :1, :1]).bernoulli_(keep) / keep for z in state]
 
+    def implicit_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradient passes through the fixed point (all but the head's)."""
+        head = {id(p) for p in self.classifier.parameters()}
+        return [p for p in self.parameters() if id(p) not in head]
+
     def head(self, z: Tensors) -> torch.Tensor:
         return self.classifier(z)
 

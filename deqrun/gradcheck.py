@@ -1,0 +1,87 @@
+"""Gradient precision: a model's parameter gradient under any DEQ gradient method, compared with
+the exact (tightly solved implicit) gradient on the same batch, same dropout masks, same z*.
+
+Used during training (`trainer.precision_every`, the phantom-gradient paper's "dynamic precision")
+and by the precision study (deqrun.precision).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from deqrun.core import GRADIENTS
+
+EXACT = dict(b_solver="anderson", b_max_iter=100, b_tol=1e-7, b_stop_mode="rel")
+
+
+def exact_method() -> Any:
+    """Implicit differentiation with a tight backward solve."""
+    return GRADIENTS["implicit"](**EXACT)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@contextmanager
+def replay(model: nn.Module, state: dict[str, Any], device: torch.device) -> Iterator[None]:
+    """Run with the RNG as at `state` (same dropout masks); leave RNG and buffers as found."""
+    buffers = [b.detach().clone() for b in model.buffers()]
+    outer = rng_state(device)
+    set_rng_state(state, device)
+    try:
+        yield
+    finally:
+        set_rng_state(outer, device)
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers):
+                buffer.copy_(saved)
+
+
+@contextmanager
+def using_gradient(model: nn.Module, method: Any) -> Iterator[None]:
+    """Temporarily give the model's DEQ layer another gradient method."""
+    deq = model.deq
+    previous, deq.gradient = deq.gradient, method
+    try:
+        yield
+    finally:
+        deq.gradient = previous
+
+
+def implicit_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters whose gradient depends on the gradient method (all, if the model can't say)."""
+    chosen = getattr(model, "implicit_parameters", None)
+    return list(chosen()) if chosen is not None else list(model.parameters())
+
+
+def parameter_gradients(model: nn.Module, task: Any, x: torch.Tensor, y: torch.Tensor,
+                        params: list[nn.Parameter], method: Any, state: dict[str, Any],
+                        device: torch.device) -> list[torch.Tensor]:
+    """d loss / d params with `method`, replaying the randomness captured in `state`."""
+    with replay(model, state, device), using_gradient(model, method):
+        model.train()
+        logits, _ = model(x)
+        grads = torch.autograd.grad(task.loss(logits, y), params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Cosine similarity of two gradients given as lists of tensors."""
+    flat_a = torch.cat([t.reshape(-1).double() for t in a])
+    flat_b = torch.cat([t.reshape(-1).double() for t in b])
+    return float(flat_a @ flat_b / (flat_a.norm() * flat_b.norm()).clamp_min(1e-300))
