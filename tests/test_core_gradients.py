@@ -160,3 +160,23 @@ def test_shine_refine_moves_towards_exact():
     refined, stats = deq_grads(layer, DEQ(refine=10, refine_tol=1e-12, **opts), cot)
     assert stats.backward is not None
     assert cosine(refined, exact) > max(cosine(plain, exact), 0.999)
+
+
+def test_implicit_warm_start_reuses_the_previous_backward_solution(setup):
+    layer, z_star, J, cot = setup
+    deq = DEQ(solver="anderson", grad="implicit", b_max_iter=400, b_tol=1e-11, b_warm_start=True,
+              **TIGHT)
+    _, first = deq_grads(layer, deq, cot)
+    grads, second = deq_grads(layer, deq, cot)
+    assert int(second.backward.nstep.max()) < int(first.backward.nstep.max())
+    exact = layer.param_grads(z_star, dense_adjoint(J, cot))
+    assert rel_err(grads[0], exact[0]) <= 1e-6
+
+
+def test_jacobian_penalty_is_reported_and_differentiable(setup):
+    layer, _, _, cot = setup
+    deq = DEQ(solver="anderson", grad="upg", jac_reg=True, jac_samples=2, **TIGHT)
+    z, stats = deq(layer.f, torch.zeros_like(cot))
+    assert stats.jac_loss is not None and stats.jac_loss.ndim == 0
+    (grad_W,) = torch.autograd.grad(stats.jac_loss, [layer.W])
+    assert float(grad_W.abs().sum()) > 0
