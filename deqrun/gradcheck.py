@@ -71,12 +71,19 @@ def implicit_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def parameter_gradients(model: nn.Module, task: Any, x: torch.Tensor, y: torch.Tensor,
                         params: list[nn.Parameter], method: Any, state: dict[str, Any],
-                        device: torch.device) -> list[torch.Tensor]:
-    """d loss / d params with `method`, replaying the randomness captured in `state`."""
+                        device: torch.device, jac_weight: float = 0.0) -> list[torch.Tensor]:
+    """d loss / d params with `method`, replaying the randomness captured in `state`.
+
+    The loss is the task loss plus jac_weight x the DEQ's Jacobian penalty when the model computes
+    one (its random probes are replayed too), i.e. the loss training differentiates.
+    """
     with replay(model, state, device), using_gradient(model, method):
         model.train()
-        logits, _ = model(x)
-        grads = torch.autograd.grad(task.loss(logits, y), params, allow_unused=True)
+        logits, stats = model(x)
+        loss = task.loss(logits, y)
+        if stats.jac_loss is not None:
+            loss = loss + jac_weight * stats.jac_loss
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 

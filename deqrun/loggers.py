@@ -1,7 +1,7 @@
 """Metric loggers behind one small interface: none, jsonl, csv, wandb.
 
 Each logger receives flat dicts of numbers: `log(kind, record)` with kind "step" or "epoch".
-Files go into the run folder and are appended to, so a resumed run continues them.
+Files go into the run folder; a resumed run appends to them, a fresh run starts them anew.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ class Logger:
 class JsonlLogger(Logger):
     """steps.jsonl and epochs.jsonl, one JSON object per line."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.files = {kind: open(run_dir / f"{kind}s.jsonl", "a") for kind in ("step", "epoch")}
+    def __init__(self, run_dir: Path, append: bool) -> None:
+        mode = "a" if append else "w"
+        self.files = {kind: open(run_dir / f"{kind}s.jsonl", mode) for kind in ("step", "epoch")}
 
     def log(self, kind: str, record: dict[str, Any]) -> None:
         self.files[kind].write(json.dumps(record) + "\n")
@@ -45,8 +46,11 @@ class JsonlLogger(Logger):
 class CsvLogger(Logger):
     """steps.csv and epochs.csv; the header comes from the first record (new keys are dropped)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, append: bool) -> None:
         self.paths = {kind: run_dir / f"{kind}s.csv" for kind in ("step", "epoch")}
+        if not append:
+            for path in self.paths.values():
+                path.unlink(missing_ok=True)
         self.writers: dict[str, tuple[Any, csv.DictWriter]] = {}
 
     def log(self, kind: str, record: dict[str, Any]) -> None:
@@ -84,7 +88,7 @@ class WandbLogger(Logger):
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         self.run = wandb.init(project=project, entity=entity, mode=mode, dir=str(run_dir),
-                              config=config, name=run_name, id=_wandb_id(run_dir),
+                              config=config, name=run_name, id=_wandb_id(run_dir, resume),
                               resume="allow" if resume else None, reinit="finish_previous")
 
     def log(self, kind: str, record: dict[str, Any]) -> None:
@@ -97,20 +101,21 @@ class WandbLogger(Logger):
         self.run.finish()
 
 
-def _wandb_id(run_dir: Path) -> str:
-    """A stable run id per run folder, so a resumed run continues the same wandb run."""
+def _wandb_id(run_dir: Path, resume: bool) -> str:
+    """A run id kept in the run folder, so a resumed run continues the same wandb run."""
     id_file = run_dir / ".wandb_id"
-    if not id_file.exists():
+    if not (resume and id_file.exists()):
         id_file.write_text(uuid.uuid4().hex[:8])
     return id_file.read_text().strip()
 
 
-def build_logger(name: str, run_dir: Path, config: dict[str, Any], **options: Any) -> Logger:
-    """The logger called `name` writing into run_dir."""
+def build_logger(name: str, run_dir: Path, config: dict[str, Any], append: bool,
+                 **options: Any) -> Logger:
+    """The logger called `name` writing into run_dir (appending to earlier files if `append`)."""
     builders = {
         "none": lambda: Logger(),
-        "jsonl": lambda: JsonlLogger(run_dir),
-        "csv": lambda: CsvLogger(run_dir),
+        "jsonl": lambda: JsonlLogger(run_dir, append),
+        "csv": lambda: CsvLogger(run_dir, append),
         "wandb": lambda: WandbLogger(run_dir, config, **options),
     }
     return builders[name]()

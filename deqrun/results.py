@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 
-def write_metrics(run_dir: Path, /, **fields: Any) -> None:
-    """Merge `fields` into run_dir/metrics.json, atomically (temporary file, then rename)."""
+def write_metrics(run_dir: Path, /, fresh: bool = False, **fields: Any) -> None:
+    """Merge `fields` into run_dir/metrics.json (or start it anew when `fresh`), atomically
+    (temporary file, then rename)."""
     path = run_dir / "metrics.json"
     content: dict[str, Any] = {}
-    if path.is_file():
+    if path.is_file() and not fresh:
         try:
             content = json.loads(path.read_text())
         except json.JSONDecodeError:

@@ -65,18 +65,23 @@ def run(config: RunConfig, resolved: dict[str, Any], run_dir: Path) -> dict[str,
     scheduler = build_scheduler(config, optimizer, total_steps)
     checkpoint = run_dir / "checkpoints" / "last.pt"
     progress = Progress()
-    if trainer.resume:
+    if trainer.resume_from or (trainer.resume and checkpoint.is_file()):
         source = Path(trainer.resume_from) if trainer.resume_from else checkpoint
         progress = load_checkpoint(source, model, optimizer, scheduler, device)
+    elif trainer.resume:
+        config.notes.append(f"trainer.resume=true but no checkpoint at {checkpoint} yet: "
+                            "started from scratch")
+    fresh = progress.step == 0
     notes = config.notes + task.notes
     header = dict(run_name=config.run_name, run_dir=str(run_dir), config=resolved, notes=notes,
                   environment=environment(device), parameters=count_parameters(model))
-    write_metrics(run_dir, status="running", **header)
+    write_metrics(run_dir, status="running", fresh=fresh, **header)
     log.info("run %s: %d parameters, %d steps, device %s", config.run_name,
              header["parameters"], total_steps, device)
     for note in notes:
         log.info("note: %s", note)
-    logger = build_logger(config.logger.name, run_dir, resolved, **logger_options(config))
+    logger = build_logger(config.logger.name, run_dir, resolved, append=not fresh,
+                          **logger_options(config, resume=not fresh))
     context = dict(config=config, task=task, model=model, optimizer=optimizer, scheduler=scheduler,
                    device=device, logger=logger, total_steps=total_steps)
     try:
@@ -173,7 +178,8 @@ def exact_cosine(context: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
     params = gradcheck.implicit_parameters(model)
     used = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
     exact = gradcheck.parameter_gradients(model, context["task"], x, y, params,
-                                          gradcheck.exact_method(), state, device)
+                                          gradcheck.exact_method(), state, device,
+                                          jac_weight=context["config"].trainer.jac_reg_weight)
     return gradcheck.cosine(used, exact)
 
 
@@ -355,12 +361,12 @@ def eval_loader(task, config: RunConfig, device: torch.device) -> DataLoader:
                       num_workers=config.trainer.num_workers, pin_memory=device.type == "cuda")
 
 
-def logger_options(config: RunConfig) -> dict[str, Any]:
+def logger_options(config: RunConfig, resume: bool) -> dict[str, Any]:
     if config.logger.name != "wandb":
         return {}
     lg = config.logger
     return dict(project=lg.project, entity=lg.entity, mode=lg.mode, run_name=config.run_name,
-                resume=config.trainer.resume)
+                resume=resume)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -392,8 +398,8 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, device: torch.device) -> Progress:
     if not path.is_file():
-        raise ConfigError(f"trainer.resume=true but there is no checkpoint at {path}; pass the "
-                          "run_name of the run to continue or trainer.resume_from=PATH")
+        raise ConfigError(f"no checkpoint at {path}; trainer.resume_from must name a checkpoint "
+                          "file (or use run_name=<run> trainer.resume=true)")
     state = torch.load(path, map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

@@ -115,9 +115,13 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path, signum):
         assert a[key] == b[key], key
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    result = deqrun([*FAST, "run_name=never", "trainer.resume=true"], tmp_path)
-    assert result.returncode == 2 and "no checkpoint" in result.stderr
+def test_resume_without_checkpoint_starts_fresh_but_a_missing_resume_from_is_an_error(tmp_path):
+    fresh = deqrun([*FAST, "run_name=never", "trainer.resume=true"], tmp_path)
+    assert fresh.returncode == 0, fresh.stderr
+    notes = metrics(tmp_path / "outputs" / "runs" / "never")["notes"]
+    assert any("started from scratch" in note for note in notes)
+    missing = deqrun([*FAST, "trainer.resume_from=/nonexistent/last.pt"], tmp_path)
+    assert missing.returncode == 2 and "no checkpoint at /nonexistent/last.pt" in missing.stderr
 
 
 @pytest.mark.parametrize("logger,files", [("csv", ["steps.csv", "epochs.csv"]),
@@ -143,3 +147,11 @@ def test_trains_on_the_local_cifar10_subset(tmp_path, shared_data):
     assert result.returncode == 0, result.stderr
     content = metrics(tmp_path / "outputs" / "runs" / "cifar")
     assert content["final"]["steps"] == 3 and content["config"]["task"]["name"] == "cifar10"
+
+
+def test_a_fresh_run_reusing_a_name_starts_its_logs_anew(tmp_path):
+    for _ in range(2):
+        assert deqrun([*FAST, "run_name=twice"], tmp_path).returncode == 0
+    run_dir = tmp_path / "outputs" / "runs" / "twice"
+    assert len((run_dir / "steps.jsonl").read_text().splitlines()) == 2
+    assert len(metrics(run_dir)["history"]) == 1
