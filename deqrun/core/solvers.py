@@ -84,8 +84,15 @@ def _lowrank_apply(left: torch.Tensor, right: torch.Tensor, x: torch.Tensor) -> 
     """sum_j left_j (right_j . x) for (batch, n, dim) pairs; zero when n == 0."""
     if left.shape[1] == 0:
         return torch.zeros_like(x)
-    coef = torch.bmm(right, x.unsqueeze(2))
-    return torch.bmm(coef.transpose(1, 2), left).squeeze(1)
+    return torch.bmm(_coefficients(x, right), left).squeeze(1)
+
+
+def _coefficients(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(rows_j . x) for (batch, n, dim) rows, as (batch, 1, n).
+
+    Written as x^T rows^T: CPU BLAS runs this product several times faster than rows @ x.
+    """
+    return torch.bmm(x.unsqueeze(1), rows.transpose(1, 2))
 
 
 class _Tracker:
@@ -223,7 +230,7 @@ def anderson(f, z, max_iter, tracker, layout, *, m: int = 5, lam: float = 1e-4,
         fz = f(z)
         slot, n = k % m, min(k + 1, m)
         g = torch.sub(fz, z, out=g_hist[:, slot])
-        row = torch.bmm(g_hist[:, :n], g.unsqueeze(2)).squeeze(2)
+        row = _coefficients(g, g_hist[:, :n]).squeeze(1)
         if tracker.update(z, fz, g, abs_res=row[:, slot].clamp_min(0).sqrt()):
             break
         f_hist[:, slot] = fz
@@ -357,12 +364,11 @@ class _BroydenMemory:
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-row dot products of (batch, dim) tensors, as (batch, 1)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).squeeze(2)
+    return torch.linalg.vecdot(a, b).unsqueeze(1)
 
 
 def _minus_plus_lowrank(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """-x + sum_j left_j (right_j . x), fused in one batched multiply-add."""
     if left.shape[1] == 0:
         return x.neg()
-    coef = torch.bmm(right, x.unsqueeze(2)).transpose(1, 2)
-    return torch.baddbmm(x.unsqueeze(1), coef, left, beta=-1).squeeze(1)
+    return torch.baddbmm(x.unsqueeze(1), _coefficients(x, right), left, beta=-1).squeeze(1)
