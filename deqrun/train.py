@@ -72,6 +72,8 @@ def run(config: RunConfig, resolved: dict[str, Any], run_dir: Path) -> dict[str,
         config.notes.append(f"trainer.resume=true but no checkpoint at {checkpoint} yet: "
                             "started from scratch")
     fresh = progress.step == 0
+    if fresh:
+        calibrate_batchnorm(model, task, config, device)
     notes = config.notes + task.notes
     header = dict(run_name=config.run_name, run_dir=str(run_dir), config=resolved, notes=notes,
                   environment=environment(device), parameters=count_parameters(model))
@@ -181,6 +183,28 @@ def exact_cosine(context: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
                                           gradcheck.exact_method(), state, device,
                                           jac_weight=context["config"].trainer.jac_reg_weight)
     return gradcheck.cosine(used, exact)
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, task, config: RunConfig, device: torch.device) -> None:
+    """Start BatchNorm running statistics from a training batch instead of mean 0, variance 1.
+
+    Layers initialised small (MDEQ's stem and head) have variances far below 1, and with few steps
+    per epoch the running average would take epochs to forget the initial 1: eval-mode accuracy
+    would sit at chance while training accuracy is already high.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    x, _ = next(iter(train_loader(task, config, -1, device)))
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    model(x.to(device))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
 
 
 def accumulate(progress: Progress, record: dict[str, Any]) -> None:
