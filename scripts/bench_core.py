@@ -194,6 +194,15 @@ def depth_check(cell, x, z0, args, device) -> dict:
     return saved
 
 
+def print_ratios(rows: list[dict], label: str, names: tuple, value: str, what: str) -> None:
+    """ours/torchdeq ratios of `value` for the named rows that both libraries ran."""
+    by_label = {r[label]: r for r in rows}
+    for name in names:
+        if f"torchdeq {name}" in by_label:
+            ratio = by_label[f"ours {name}"][value] / by_label[f"torchdeq {name}"][value]
+            print(f"ours/torchdeq {what} time, {name}: {ratio:.2f}x")
+
+
 def print_tables(solvers: list[dict], grads: list[dict], depth: dict) -> None:
     print(f"bare f evaluation: {solvers[0]['bare_f_ms']:.2f} ms")
     print(f"{'solver':<20}{'forward ms':>12}{'f evals':>9}{'ms/f-eval':>11}{'in f ms':>9}"
@@ -202,22 +211,12 @@ def print_tables(solvers: list[dict], grads: list[dict], depth: dict) -> None:
         print(f"{r['solver']:<20}{r['forward_ms']:>12.1f}{r['f_evals']:>9.1f}"
               f"{r['ms_per_f']:>11.2f}{r['in_f_ms']:>9.1f}{r['overhead']:>10.1%}"
               f"{r['vs_bare_f']:>11.1%}")
-    by_name = {r["solver"]: r for r in solvers}
-    for name in ("anderson", "broyden"):
-        if f"torchdeq {name}" in by_name:
-            ours, theirs = by_name[f"ours {name}"], by_name[f"torchdeq {name}"]
-            ratio = ours["forward_ms"] / theirs["forward_ms"]
-            print(f"ours/torchdeq forward time, {name}: {ratio:.2f}x")
+    print_ratios(solvers, "solver", ("anderson", "broyden"), "forward_ms", "forward")
     print(f"\n{'grad':<26}{'backward ms':>12}{'speed-up vs implicit':>22}{'saved MB':>10}")
     for r in grads:
         print(f"{r['grad']:<26}{r['backward_ms']:>12.1f}{r['speedup_vs_implicit']:>21.1f}x"
               f"{r['saved_bytes'] / 2**20:>10.2f}")
-    by_grad = {r["grad"]: r for r in grads}
-    for name in ("implicit", "upg A(5,0.5)"):
-        if f"torchdeq {name}" in by_grad:
-            ours, theirs = by_grad[f"ours {name}"], by_grad[f"torchdeq {name}"]
-            ratio = ours["backward_ms"] / theirs["backward_ms"]
-            print(f"ours/torchdeq backward time, {name}: {ratio:.2f}x")
+    print_ratios(grads, "grad", ("implicit", "upg A(5,0.5)"), "backward_ms", "backward")
     same = "identical" if depth[10] == depth[40] else "DIFFERENT"
     print(f"\nimplicit saved bytes, f_max_iter 10 vs 40: {depth[10]} vs {depth[40]} ({same})")
 
