@@ -1,0 +1,37 @@
+"""The model interface every family implements.
+
+A model is an equilibrium layer f(z, injection) solved by its `deq` (a deqrun.core.DEQ), an
+injection computed from the input and a head: `output, stats = model(inputs)`. The loop, the
+precision study and the Jacobian penalty only use what is declared here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from deqrun.core import DEQ, DEQStats
+
+
+class DEQModel(nn.Module):
+    """Base class of deqrun's models.
+
+    Subclasses set `self.deq` in __init__ and implement forward(inputs, pretrain=False), where
+    pretrain=True runs the unrolled weight-tied network (deq.unrolled) instead of the solve.
+    """
+
+    deq: DEQ
+
+    def forward(self, inputs: Any, pretrain: bool = False) -> tuple[Any, DEQStats]:
+        raise NotImplementedError
+
+    def implicit_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradient passes through the fixed point (default: all)."""
+        return list(self.parameters())
+
+    def reset_state(self) -> None:
+        """Forget state carried between calls (sequence memory, cached fixed points).
+
+        The runner calls it at the start of every training epoch and every evaluation.
+        """
