@@ -167,7 +167,7 @@ class AdaptiveIO(nn.Module):
         if len(self.bounds) > 2:
             tail = self._project_in(0, hidden) @ self.cluster_weight.t() + self.cluster_bias
             head = torch.cat([head, tail], dim=1)
-        head_logp = F.log_softmax(head.float(), dim=1)
+        head_logp = F.log_softmax(_at_least_float(head), dim=1)
         nll = head_logp.new_zeros(targets.shape[0])
         for i, (lo, hi) in enumerate(zip(self.bounds, self.bounds[1:])):
             rows = torch.nonzero((targets >= lo) & (targets < hi)).squeeze(1)
@@ -177,10 +177,15 @@ class AdaptiveIO(nn.Module):
             if i == 0:
                 logp = head_logp[rows].gather(1, local).squeeze(1)
             else:
-                tail_logp = F.log_softmax(self._logits(i, hidden[rows]).float(), dim=1)
+                tail_logp = F.log_softmax(_at_least_float(self._logits(i, hidden[rows])), dim=1)
                 logp = head_logp[rows, self.bounds[1] + i - 1] + tail_logp.gather(1, local)[:, 0]
             nll = nll.index_copy(0, rows, -logp)
         return nll
+
+
+def _at_least_float(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits in float32 for the softmax; float32/float64 unchanged."""
+    return x.float() if x.element_size() < 4 else x
 
 
 # ---- the equilibrium layer -----------------------------------------------------------------------
@@ -251,7 +256,12 @@ def _future(length: int, total: int, device: torch.device) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    """f(z; context): attention block then feed-forward block, post- or pre-layer-norm."""
+    """f(z; context): attention block then feed-forward block, post- or pre-layer-norm.
+
+    post: h = LN(z + attn(z)), f = LN(h + ff(h)). pre: h = z + attn(LN z), f = LN(h + ff(LN h)):
+    the pre-LN blocks end in a final layer norm, as pre-LN stacks do; without it f = z + g(z)
+    has no bounded fixed point in general (only roots of g, along which z may grow freely).
+    """
 
     def __init__(self, spec: TransformerSpec) -> None:
         super().__init__()
@@ -261,6 +271,7 @@ class DecoderLayer(nn.Module):
         self.ff2 = nn.Linear(spec.d_inner, spec.d_model)
         self.norm1 = nn.LayerNorm(spec.d_model)
         self.norm2 = nn.LayerNorm(spec.d_model)
+        self.norm3 = nn.LayerNorm(spec.d_model) if self.pre_norm else None
 
     def forward(self, z: torch.Tensor, context: LayerContext) -> torch.Tensor:
         sequence = torch.cat([context.memory, z], dim=1)
@@ -269,7 +280,7 @@ class DecoderLayer(nn.Module):
             attended = self.attention(self.norm1(sequence), injection, context.positions,
                                       z.shape[1])
             h = z + _masked(attended, context.masks[0])
-            return h + _masked(self._feed_forward(self.norm2(h)), context.masks[1])
+            return self.norm3(h + _masked(self._feed_forward(self.norm2(h)), context.masks[1]))
         attended = self.attention(sequence, injection, context.positions,
                                       z.shape[1])
         h = self.norm1(z + _masked(attended, context.masks[0]))
@@ -301,7 +312,6 @@ class DEQTransformer(DEQModel):
         self.io = AdaptiveIO(vocab_size, spec.d_model, spec.cutoffs, spec.div_val)
         self.inject = nn.Linear(spec.d_model, 3 * spec.n_head * spec.d_head)
         self.layer = DecoderLayer(spec)
-        self.out_norm = nn.LayerNorm(spec.d_model) if spec.norm == "pre" else nn.Identity()
         for module in (self.inject, self.layer):
             _init_linears(module, spec.init_std)
         if spec.weight_norm:
@@ -365,7 +375,7 @@ class DEQTransformer(DEQModel):
 
     def head(self, z_star: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token NLL (B, T) of the targets given the equilibrium states."""
-        hidden = F.dropout(self.out_norm(z_star), self.spec.dropout, self.training)
+        hidden = F.dropout(z_star, self.spec.dropout, self.training)
         nll = self.io.nll(hidden.reshape(-1, self.spec.d_model), targets.reshape(-1))
         return nll.view(targets.shape)
 
