@@ -27,9 +27,10 @@ VOCAB = 23
 
 
 def tiny_spec(norm: str = "post", dropout: float = 0.0, mem_len: int = 6,
-              cutoffs: tuple = ()) -> TransformerSpec:
+              cutoffs: tuple = (), explicit: bool = False) -> TransformerSpec:
     return TransformerSpec(d_model=8, n_head=2, d_head=4, d_inner=16, mem_len=mem_len,
-                           cutoffs=cutoffs, div_val=2, dropout=dropout, norm=norm, init_std=0.1)
+                           cutoffs=cutoffs, div_val=2, dropout=dropout, norm=norm, init_std=0.1,
+                           explicit=explicit)
 
 
 def tiny_model(deq: DEQ, seed: int = 0, **spec) -> DEQTransformer:
@@ -318,3 +319,17 @@ def test_shared_wikitext2_copy(shared_data, tmp_path):
                                               train_split="valid", cache_dir=str(tmp_path)))
     assert task.ids["valid"].numel() == 217646 and task.ids["test"].numel() == 245569
     assert 500 < task.unigram["test"] < 650
+
+
+def test_explicit_variant_unrolls_the_same_layer():
+    deq = DEQ(solver="anderson", pretrain_depth=3, **TIGHT)
+    explicit = tiny_model(deq, explicit=True).eval()
+    x, y = tokens(2, 5, 1), tokens(2, 5, 2)
+    with torch.no_grad():
+        nll, stats = explicit((x, y))
+        explicit.reset_state()
+        context = explicit.context(x)
+        z = context.injection.new_zeros(2, 5, 8)
+        for _ in range(3):
+            z = explicit.layer(z, context)
+    assert stats.pretrain and torch.allclose(nll, explicit.head(z, y))

@@ -45,11 +45,12 @@ class TransformerSpec:
     norm: str = "post"
     weight_norm: bool = True
     init_std: float = 0.02
+    explicit: bool = False
 
 
 SIZES = {
     "tiny": TransformerSpec(d_model=128, n_head=4, d_head=32, d_inner=512, mem_len=64,
-                            dropout=0.1, emb_dropout=0.1),
+                            cutoffs=(2000, 8000), div_val=2, dropout=0.1, emb_dropout=0.1),
     "wt103": TransformerSpec(d_model=700, n_head=10, d_head=70, d_inner=48000, mem_len=150,
                              cutoffs=(20000, 40000, 200000), div_val=4, dropout=0.05,
                              emb_dropout=0.0),
@@ -74,6 +75,7 @@ class DEQTransformerOptions:
     norm: str = "post"
     weight_norm: bool = True
     init_std: Optional[float] = None
+    explicit: bool = False
 
     def spec(self) -> TransformerSpec:
         """The preset of `size` with the fields set here."""
@@ -300,9 +302,11 @@ def _masked(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
 class DEQTransformer(DEQModel):
     """Language model: `nll, stats = model((tokens, targets))`, tokens/targets (B, T) int64.
 
-    nll is the per-token negative log-likelihood (B, T). Weight norm on f's linear maps is
-    recomputed once per forward; one variational-dropout mask per sequence and block is drawn per
-    forward (training only) and shared by every solver iteration.
+    nll is the per-token negative log-likelihood (B, T). With spec.explicit the layer is not
+    solved but applied deq.pretrain_depth times from zero in training and evaluation: a
+    weight-tied explicit transformer with the same parameters (the LM table's explicit row).
+    Weight norm on f's linear maps is recomputed once per forward; one variational-dropout mask
+    per sequence and block is drawn per forward (training only) and shared by every iteration.
     """
 
     def __init__(self, spec: TransformerSpec, deq: DEQ, *, vocab_size: int) -> None:
@@ -381,7 +385,7 @@ class DEQTransformer(DEQModel):
 
     def forward(self, inputs: Any, pretrain: bool = False) -> tuple[torch.Tensor, DEQStats]:
         tokens, targets = inputs
-        z_star, stats, context = self.equilibrium(tokens, pretrain)
+        z_star, stats, context = self.equilibrium(tokens, pretrain or self.spec.explicit)
         self.remember(z_star, context)
         return self.head(z_star, targets), stats
 
