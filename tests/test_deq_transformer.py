@@ -333,3 +333,20 @@ def test_explicit_variant_unrolls_the_same_layer():
         for _ in range(3):
             z = explicit.layer(z, context)
     assert stats.pretrain and torch.allclose(nll, explicit.head(z, y))
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden"])
+def test_training_step_with_jacobian_penalty_and_pretraining(solver):
+    """Every solver runs a training step; the Jacobian penalty and the unrolled pretraining
+    reach the layer's parameters; the implicit parameters exclude only the softmax head's."""
+    deq = DEQ(solver=solver, grad="upg", k=2, lambda_=0.8, f_max_iter=10, jac_reg=True)
+    model = tiny_model(deq, norm="pre", dropout=0.2, cutoffs=(6,)).train()
+    x, y = tokens(2, 5, 1), tokens(2, 5, 2)
+    for pretrain in (True, False):
+        nll, stats = model((x, y), pretrain=pretrain)
+        loss = nll.mean() + (stats.jac_loss if stats.jac_loss is not None else 0)
+        grads = torch.autograd.grad(loss, model.implicit_parameters(), allow_unused=True)
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert stats.pretrain == pretrain and (stats.jac_loss is None) == pretrain
+    head = len(list(model.parameters())) - len(model.implicit_parameters())
+    assert head == 1 + 1 + 2  # the two clusters' biases, the cluster logits' weight and bias
