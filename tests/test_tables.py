@@ -52,7 +52,8 @@ def test_every_experiment_composes_and_resolves_with_a_row(experiment):
     run, resolved = resolve(composed(f"experiment={experiment}"))
     assert resolved["row"]["id"] == experiment.split("/")[-1]
     assert resolved["row"]["label"]
-    assert run.grad.name == resolved["row"]["id"]
+    if experiment.startswith("phantom/"):
+        assert run.grad.name == resolved["row"]["id"]
 
 
 @pytest.mark.parametrize("table", TABLES)
@@ -64,7 +65,7 @@ def test_tables_are_multiruns_of_rows_and_seeds_matching_their_report_metadata(t
     rows = [e.split("/")[-1] for e in sweep_values(table, "experiment")]
     assert rows == list(cfg.report.rows)
     assert [int(s) for s in sweep_values(table, "trainer.seed")] == list(cfg.report.seeds)
-    assert cfg.report.baseline == "implicit" and cfg.report.name == "phantom"
+    assert cfg.report.baseline == "implicit" and cfg.report.name == table.split("_")[0]
 
 
 def test_paper_table_has_the_papers_settings():
