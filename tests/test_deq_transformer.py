@@ -15,12 +15,12 @@ from deqrun.models.deq_transformer import (
     SIZES,
     AdaptiveIO,
     DEQTransformer,
-    DEQTransformerOptions,
+    DEQTransformerConfig,
     TransformerSpec,
 )
 from deqrun.registry import model_entry, task_entry
 from deqrun.tasks.base import LoaderOptions
-from deqrun.tasks.language import LanguageModelTask, WikiText2Options
+from deqrun.tasks.language import LanguageModelTask, WikiText2Config
 
 TIGHT = dict(f_max_iter=120, f_tol=1e-12, stop_mode="abs")
 VOCAB = 23
@@ -143,14 +143,14 @@ def test_adaptive_softmax_is_a_distribution_and_embedding_is_tied():
 
 
 def test_presets_and_options():
-    assert DEQTransformerOptions().spec() == SIZES["tiny"]
-    paper = DEQTransformerOptions(size="wt103", norm="pre").spec()
+    assert DEQTransformerConfig().spec() == SIZES["tiny"]
+    paper = DEQTransformerConfig(size="wt103", norm="pre").spec()
     assert (paper.d_model, paper.n_head, paper.d_inner, paper.mem_len) == (700, 10, 48000, 150)
     assert paper.cutoffs == (20000, 40000, 200000) and paper.norm == "pre"
-    assert DEQTransformerOptions(cutoffs=[100, 1000]).spec().cutoffs == (100, 1000)
+    assert DEQTransformerConfig(cutoffs=[100, 1000]).spec().cutoffs == (100, 1000)
     for bad in (dict(norm="mid"), dict(size="huge"), dict(cutoffs=[50, 10]), dict(dropout=1.0)):
         with pytest.raises(ValueError):
-            DEQTransformerOptions(**bad).check()
+            DEQTransformerConfig(**bad).check()
     assert model_entry("deq_transformer").tasks == ("language_model",)
 
 
@@ -268,7 +268,7 @@ def test_streams_and_segments_cover_the_text_in_order():
 def test_offline_task_through_datasets_text_builder(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     root = write_corpus(tmp_path / "corpus")
-    task = LanguageModelTask(WikiText2Options(root=str(root), tgt_len=2,
+    task = LanguageModelTask(WikiText2Config(root=str(root), tgt_len=2,
                                               cache_dir=str(tmp_path / "cache")))
     assert task.eval_splits == ("val", "test")
     assert task.vocab.words[:3] == ["the", EOS, "cat"]
@@ -287,7 +287,7 @@ def test_offline_task_through_datasets_text_builder(tmp_path, monkeypatch):
 
 def test_task_metrics_and_unigram_baseline(tmp_path):
     root = write_corpus(tmp_path / "corpus")
-    task = LanguageModelTask(WikiText2Options(root=str(root), cache_dir=str(tmp_path / "c")))
+    task = LanguageModelTask(WikiText2Config(root=str(root), cache_dir=str(tmp_path / "c")))
     counts = torch.bincount(task.ids["train"], minlength=7).double() + 1
     logp = torch.log(counts / counts.sum())
     assert task.unigram["test"] == pytest.approx(math.exp(-logp[task.ids["test"]].mean()))
@@ -304,18 +304,18 @@ def test_task_metrics_and_unigram_baseline(tmp_path):
 
 def test_train_on_valid_and_missing_files(tmp_path):
     root = write_corpus(tmp_path / "two", ("valid", "test"))
-    task = LanguageModelTask(WikiText2Options(root=str(root), train_split="valid",
+    task = LanguageModelTask(WikiText2Config(root=str(root), train_split="valid",
                                               cache_dir=str(tmp_path / "c")))
     assert task.eval_splits == ("test",) and len(task.vocab) == 5  # the cat ran <eos> <unk>
     with pytest.raises(DataNotFoundError, match="train.txt"):
-        LanguageModelTask(WikiText2Options(root=str(root), cache_dir=str(tmp_path / "c")))
+        LanguageModelTask(WikiText2Config(root=str(root), cache_dir=str(tmp_path / "c")))
     with pytest.raises(ValueError, match="train_split"):
-        WikiText2Options(train_split="test").check()
+        WikiText2Config(train_split="test").check()
 
 
 def test_shared_wikitext2_copy(shared_data, tmp_path):
     """The local WikiText-2 valid/test files: the standard token counts."""
-    task = LanguageModelTask(WikiText2Options(root=str(shared_data / "wikitext-2"),
+    task = LanguageModelTask(WikiText2Config(root=str(shared_data / "wikitext-2"),
                                               train_split="valid", cache_dir=str(tmp_path)))
     assert task.ids["valid"].numel() == 217646 and task.ids["test"].numel() == 245569
     assert 500 < task.unigram["test"] < 650

@@ -41,10 +41,13 @@ def table_jobs(table: str) -> list[tuple]:
     return [(experiment, *resolve(cfg)) for (experiment, _), cfg in zip(jobs, configs)]
 
 
-def test_the_phantom_rows_and_tables_exist():
-    assert EXPERIMENTS == ["phantom/implicit", "phantom/jacobian_free", "phantom/npg",
-                           "phantom/shine", "phantom/upg"]
-    assert TABLES == ["phantom_paper", "phantom_smoke"]
+def test_the_phantom_and_lm_rows_and_tables_exist():
+    assert [e for e in EXPERIMENTS if e.startswith("phantom/")] == [
+        "phantom/implicit", "phantom/jacobian_free", "phantom/npg", "phantom/shine", "phantom/upg"]
+    assert [e for e in EXPERIMENTS if e.startswith("lm/")] == [
+        "lm/explicit", "lm/implicit", "lm/jr_implicit", "lm/jr_upg", "lm/jr_upg_more", "lm/tiny",
+        "lm/upg"]
+    assert TABLES == ["lm_paper", "lm_smoke", "phantom_paper", "phantom_smoke"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -58,7 +58,7 @@ SIZES = {
 
 
 @dataclass
-class DEQTransformerOptions:
+class DEQTransformerConfig:
     """model=deq_transformer: a size preset; any other field set here overrides the preset."""
 
     name: str = "deq_transformer"
@@ -403,9 +403,9 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-@register_model("deq_transformer", schema=DEQTransformerOptions, tasks=("language_model",),
+@register_model("deq_transformer", schema=DEQTransformerConfig, tasks=("language_model",),
                 description="DEQ-Transformer: one Transformer-XL decoder layer at equilibrium")
-def build_deq_transformer(options: DEQTransformerOptions, deq: DEQ,
+def build_deq_transformer(options: DEQTransformerConfig, deq: DEQ,
                           spec: ModelSpec) -> DEQTransformer:
     """A DEQ-Transformer for the task's vocabulary (spec.extra['vocab_size'])."""
     vocab_size = spec.get("vocab_size")

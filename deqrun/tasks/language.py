@@ -24,7 +24,7 @@ EVAL_NAMES = {"val": "valid", "test": "test"}
 
 
 @dataclass
-class WikiText2Options:
+class WikiText2Config:
     """task=wikitext2: WikiText-2, word level (hub config wikitext-2-v1, or task.root=DIR)."""
 
     name: str = "wikitext2"
@@ -43,7 +43,7 @@ class WikiText2Options:
 
 
 @dataclass
-class WikiText103Options(WikiText2Options):
+class WikiText103Config(WikiText2Config):
     """task=wikitext103: WikiText-103, word level (hub config wikitext-103-v1, or task.root=DIR)."""
 
     name: str = "wikitext103"
@@ -56,7 +56,7 @@ class LanguageModelTask(Task):
     metric: ClassVar[str] = "perplexity"
     higher_is_better: ClassVar[bool] = False
 
-    def __init__(self, options: WikiText2Options) -> None:
+    def __init__(self, options: WikiText2Config) -> None:
         super().__init__()
         options.check()
         self.name, self.options = options.name, options
@@ -129,10 +129,10 @@ class LanguageModelTask(Task):
         return final
 
 
-@register_task("wikitext2", schema=WikiText2Options, kind="language_model",
+@register_task("wikitext2", schema=WikiText2Config, kind="language_model",
                description="WikiText-2, word level: perplexity")
-@register_task("wikitext103", schema=WikiText103Options, kind="language_model",
+@register_task("wikitext103", schema=WikiText103Config, kind="language_model",
                description="WikiText-103, word level: perplexity")
-def build_language_task(options: WikiText2Options) -> LanguageModelTask:
+def build_language_task(options: WikiText2Config) -> LanguageModelTask:
     """The word-level corpus task named by options.name."""
     return LanguageModelTask(options)
