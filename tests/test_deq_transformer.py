@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -350,3 +354,28 @@ def test_training_step_with_jacobian_penalty_and_pretraining(solver):
         assert stats.pretrain == pretrain and (stats.jac_loss is None) == pretrain
     head = len(list(model.parameters())) - len(model.implicit_parameters())
     assert head == 1 + 1 + 2  # the two clusters' biases, the cluster logits' weight and bias
+
+
+@pytest.mark.slow
+def test_cli_trains_and_evaluates_on_a_local_corpus(tmp_path):
+    """deqrun model=deq_transformer task=wikitext2 task.root=DIR: two steps and a test pass."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for split, repeat in (("train", 12), ("valid", 3), ("test", 3)):
+        (root / f"{split}.txt").write_text((CORPUS["train"] + CORPUS[split]) * repeat)
+    args = ["model=deq_transformer", "task=wikitext2", f"task.root={root}",
+            f"task.cache_dir={tmp_path / 'cache'}", "task.tgt_len=8", "model.d_model=16",
+            "model.n_head=2", "model.d_head=8", "model.d_inner=32", "model.cutoffs=[]",
+            "solver=anderson", "solver.f_max_iter=6", "grad=upg", "k=2", "lambda=0.8",
+            "trainer.batch_size=4", "trainer.eval_batch_size=4", "trainer.max_steps=2",
+            "trainer.jac_reg_weight=0.5", "trainer.progress=false", "run_name=lm"]
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, "-m", "deqrun.cli", *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    content = json.loads((tmp_path / "outputs" / "runs" / "lm" / "metrics.json").read_text())
+    final = content["final"]
+    assert content["status"] == "completed"
+    assert 1 < final["test_perplexity"] < 1000 and final["unigram_test_perplexity"] > 1
+    assert final["val_perplexity"] > 1 and final["tokens_per_s"] > final["samples_per_s"] > 0
+    assert 0 < final["forward_nstep"] <= 6
