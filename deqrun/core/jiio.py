@@ -42,6 +42,7 @@ Objective = Callable[[State, torch.Tensor], torch.Tensor]
 class JIIOOptions:
     """Settings of the joint (z, x, mu) solve and of the warm-started backward.
 
+    Defaults: the reference's MNIST setting (T=80, m=20, alpha0=[0.6, 0.2]).
     T: iterations (each one f call and one VJP). m: Anderson memory (0: plain damped steps).
     alpha0: the input step before and after switch_iter (None: max(50, 5T/8), the paper's).
     projection: none, l2 or linf ball of radius eps around the clean input (x_center).
@@ -52,9 +53,9 @@ class JIIOOptions:
     b_*: the implicit backward of training; b_warm_start starts it from mu*.
     """
 
-    T: int = 40
+    T: int = 80
     m: int = 20
-    alpha0: List[float] = field(default_factory=lambda: [0.01, 0.003])
+    alpha0: List[float] = field(default_factory=lambda: [0.6, 0.2])
     switch_iter: Optional[int] = None
     mu_damping: float = 0.6
     z_damping: float = 0.8
