@@ -36,6 +36,7 @@ from .state import State, StateLayout
 PROJECTIONS = ("none", "l2", "linf")
 StateMap = Callable[[State, torch.Tensor], State]
 Objective = Callable[[State, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, torch.Tensor], None]
 
 
 @dataclass
@@ -47,7 +48,9 @@ class JIIOOptions:
     alpha0: the input step before and after switch_iter (None: max(50, 5T/8), the paper's).
     projection: none, l2 or linf ball of radius eps around the clean input (x_center).
     normalized_step: step along g/||g|| (l2, none) or sign(g) (linf), as attacks do.
-    lam: Anderson's ridge. best_rel_residual: only iterates with ||f(z,x) - z|| / ||f(z,x)|| at
+    lam: Anderson's ridge. balance: Anderson weighs the z, x and mu parts of the residual by the
+    inverse RMS of their first residual (per sample), so no part's units dominate the mixing.
+    best_rel_residual: only iterates with ||f(z,x) - z|| / ||f(z,x)|| at
     most this are candidates for the per-sample best objective (else the lowest-residual one):
     an iterate off the equilibrium can score below the true optimum, so keep it tight.
     b_*: the implicit backward of training; b_warm_start starts it from mu*.
@@ -63,6 +66,7 @@ class JIIOOptions:
     eps: float = 1.0
     normalized_step: bool = False
     lam: float = 1e-4
+    balance: bool = False
     best_rel_residual: float = 1e-3
     b_solver: str = "anderson"
     b_max_iter: int = 40
@@ -271,22 +275,38 @@ class _BestIterate:
 
 
 class _AndersonMixer:
-    """Anderson acceleration on stacked states: s <- sum_i a_i G(s_i), min ||sum_i a_i g_i||."""
+    """Anderson acceleration on stacked states: s <- sum_i a_i G(s_i), min ||sum_i a_i g_i||.
 
-    def __init__(self, m: int, lam: float, s: torch.Tensor) -> None:
+    With `blocks` (the sizes of z, x and mu), the residual norm weighs each block by the inverse
+    RMS of its first residual per sample, so that no block's units dominate the mixing.
+    """
+
+    def __init__(self, m: int, lam: float, s: torch.Tensor,
+                 blocks: list[int] | None = None) -> None:
         batch, dim = s.shape
-        self.m, self.lam, self.count = m, lam, 0
+        self.m, self.lam, self.count, self.blocks = m, lam, 0, blocks
         self.f_hist, self.g_hist = s.new_empty(batch, m, dim), s.new_empty(batch, m, dim)
         self.gram = torch.zeros(batch, m, m, dtype=torch.float64, device=s.device)
+        self.scale: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.count = 0
+
+    def _weights(self, g: torch.Tensor) -> torch.Tensor:
+        if self.blocks is None:
+            return torch.ones_like(g)
+        parts = torch.split(g, self.blocks, dim=1)
+        rms = [p.pow(2).mean(1, keepdim=True).sqrt() for p in parts]
+        floor = torch.cat(rms, 1).amax(1, keepdim=True) * 1e-6 + torch.finfo(g.dtype).tiny
+        return torch.cat([(1 / r.clamp_min(floor)).expand_as(p) for r, p in zip(rms, parts)], 1)
 
     def mix(self, s: torch.Tensor, g_s: torch.Tensor) -> torch.Tensor:
         slot, n = self.count % self.m, min(self.count + 1, self.m)
         self.count += 1
         self.f_hist[:, slot] = g_s
-        torch.sub(g_s, s, out=self.g_hist[:, slot])
+        if self.scale is None:
+            self.scale = self._weights(g_s - s)
+        torch.mul(g_s - s, self.scale, out=self.g_hist[:, slot])
         row = torch.bmm(self.g_hist[:, slot:slot + 1], self.g_hist[:, :n].transpose(1, 2))
         self.gram[:, slot, :n] = row.squeeze(1)
         self.gram[:, :n, slot] = row.squeeze(1)
@@ -295,11 +315,13 @@ class _AndersonMixer:
 
 
 def joint_solve(f: StateMap, objective: Objective, z0: State, x0: torch.Tensor,
-                options: JIIOOptions, x_center: torch.Tensor | None = None) -> JIIOResult:
+                options: JIIOOptions, x_center: torch.Tensor | None = None,
+                callback: Callback | None = None) -> JIIOResult:
     """Solve min_x L(z, x) s.t. z = f(z, x) by T joint JIIO iterations from (z0, x0, mu = 0).
 
     f(z, x) -> state like z0; objective(z, x) -> per-sample loss (batch,). Nothing is recorded
-    for autograd across iterations; parameters receive no gradient.
+    for autograd across iterations; parameters receive no gradient. callback(k, x), if given,
+    sees the input iterate after k iterations (k = 1..T), e.g. to time and record the path.
     """
     options.check()
     center = x0 if x_center is None else x_center
@@ -307,13 +329,16 @@ def joint_solve(f: StateMap, objective: Objective, z0: State, x0: torch.Tensor,
     mu0 = x0.new_zeros(len(x0), joint.dz)
     s = joint.project_stacked(joint.stack(z0, x0.detach(), mu0))
     tracker = _BestIterate(s, options.best_rel_residual)
-    mixer = _AndersonMixer(options.m, options.lam, s) if options.m > 0 else None
+    blocks = [joint.dz, joint.dx, joint.dz] if options.balance else None
+    mixer = _AndersonMixer(options.m, options.lam, s, blocks) if options.m > 0 else None
     for iteration in range(options.T):
         if mixer is not None and iteration == options.switch_at:
             mixer.reset()
         g_s, loss, abs_res, rel_res = joint(s, iteration)
         tracker.update(s, loss, abs_res, rel_res)
         s = g_s if mixer is None else joint.project_stacked(mixer.mix(s, g_s))
+        if callback is not None:
+            callback(iteration + 1, joint.split(s)[1])
     return _result(joint, tracker, options)
 
 
@@ -341,9 +366,10 @@ class JIIOGradient(JIIOOptions):
                                  b_tol=self.b_tol)
 
     def solve(self, f: StateMap, objective: Objective, z0: State, x0: torch.Tensor,
-              x_center: torch.Tensor | None = None) -> JIIOResult:
+              x_center: torch.Tensor | None = None,
+              callback: Callback | None = None) -> JIIOResult:
         """The joint solve with these options."""
-        return joint_solve(f, objective, z0, x0, self, x_center)
+        return joint_solve(f, objective, z0, x0, self, x_center, callback)
 
     def attach(self, f, z_star: torch.Tensor, result: SolverResult, stats) -> torch.Tensor:
         return self.backward.attach(f, z_star, result, stats)
