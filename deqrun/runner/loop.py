@@ -87,6 +87,7 @@ def run(config: RunConfig, resolved: dict[str, Any], run_dir: Path) -> dict[str,
     notes = config.notes + t.task.notes
     write_metrics(run_dir, status="running", fresh=fresh, run_name=config.run_name,
                   run_dir=str(run_dir), config=resolved, notes=notes,
+                  metric=dict(name=t.task.metric, higher_is_better=t.task.higher_is_better),
                   environment=environment(t.device), parameters=count_parameters(t.model))
     log.info("run %s: %d parameters, %d steps, device %s", config.run_name,
              count_parameters(t.model), t.total_steps, t.device)
