@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from deqrun.core import DEQ, InputProblem
+from deqrun.core import DEQ, JIIO, InputProblem
 from deqrun.data.generative import build_images
 from deqrun.measure import synchronize
 from deqrun.models.generator import GeneratorOptions, MDEQGenerator
@@ -99,9 +99,11 @@ def first_reaching(points: list[tuple[float, float]], target: float, higher: boo
 
 def load_generator(args: argparse.Namespace, image_shape: tuple[int, ...],
                    device: torch.device) -> MDEQGenerator:
-    deq = DEQ(solver="anderson", grad="jiio", f_max_iter=args.f_max_iter, f_tol=args.f_tol,
-              T=args.T, m=args.m, alpha0=args.alpha0, b_max_iter=args.b_max_iter, b_tol=args.b_tol)
+    deq = DEQ(solver="anderson", grad="implicit", f_max_iter=args.f_max_iter, f_tol=args.f_tol,
+              b_max_iter=args.b_max_iter, b_tol=args.b_tol)
     model = MDEQGenerator(GeneratorOptions(size=args.size), deq, image_shape, args.latent_dim)
+    model.input_optimiser = JIIO(T=args.T, m=args.m, alpha0=list(args.alpha0),
+                                 b_max_iter=args.b_max_iter, b_tol=args.b_tol)
     state = torch.load(args.checkpoint, map_location=device)
     model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
     return model.to(device).eval()

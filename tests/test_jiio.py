@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from deqrun.core import DEQ, JIIOGradient, JIIOOptions, joint_solve
+from deqrun.core import GRADIENTS, JIIO, JIIOOptions, joint_solve
 from deqrun.core.jiio import project
 
 DZ, DX, DY, BATCH = 6, 3, 4, 5
@@ -198,7 +198,7 @@ def exact_parameter_gradient(f, objective, z_star, x_star, params) -> list[torch
 @pytest.mark.parametrize("warm", [True, False])
 def test_training_gradient_is_exact_warm_or_cold(warm: bool) -> None:
     f, objective, z0, x0, params = tanh_problem()
-    jiio = JIIOGradient(T=100, m=10, alpha0=[0.3, 0.3], b_tol=1e-12, b_max_iter=200,
+    jiio = JIIO(T=100, m=10, alpha0=[0.3, 0.3], b_tol=1e-12, b_max_iter=200,
                         best_rel_residual=1e-9)
     result = jiio.solve(f, objective, z0, x0)
     z, stats = jiio.equilibrium(f, result, loss_scale=1.0 / len(x0), warm_start=warm)
@@ -212,7 +212,7 @@ def test_training_gradient_is_exact_warm_or_cold(warm: bool) -> None:
 
 def test_warm_start_from_mu_saves_backward_steps() -> None:
     f, objective, z0, x0, params = tanh_problem(seed=1)
-    jiio = JIIOGradient(T=100, m=10, alpha0=[0.3, 0.3], b_tol=1e-10, b_max_iter=200,
+    jiio = JIIO(T=100, m=10, alpha0=[0.3, 0.3], b_tol=1e-10, b_max_iter=200,
                         best_rel_residual=1e-9)
     result = jiio.solve(f, objective, z0, x0)
     steps = {}
@@ -223,12 +223,11 @@ def test_warm_start_from_mu_saves_backward_steps() -> None:
     assert steps[True] * 3 <= steps[False]
 
 
-def test_options_are_checked_and_registered_as_a_grad() -> None:
+def test_options_are_checked() -> None:
     assert JIIOOptions(T=40).switch_at == 50 and JIIOOptions(T=160).switch_at == 100
     assert JIIOOptions(T=160, switch_iter=7).switch_at == 7
     with pytest.raises(ValueError, match="alpha0"):
         JIIOOptions(alpha0=[0.1]).check()
     with pytest.raises(ValueError, match="projection"):
-        JIIOGradient(projection="l1")
-    deq = DEQ(grad="jiio", T=12, m=4, alpha0=[0.5, 0.1], projection="l2")
-    assert isinstance(deq.gradient, JIIOGradient) and deq.gradient.T == 12
+        JIIO(projection="l1")
+    assert "jiio" not in GRADIENTS  # an input-optimisation mode, not a gradient of the DEQ layer

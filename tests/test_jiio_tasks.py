@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from deqrun.core import DEQ
+from deqrun.core import DEQ, JIIO
 from deqrun.data.generative import build_images
 from deqrun.errors import ConfigError, DataNotFoundError
-from deqrun.models.generator import GeneratorOptions, build_generator
+from deqrun.models.generator import GeneratorOptions, MDEQGenerator, build_generator
 from deqrun.registry import input_objective_tasks, serves
 from deqrun.tasks.base import LoaderOptions
 from deqrun.tasks.generative import GenerativeOptions, GenerativeTask, sample_latents
@@ -21,11 +21,14 @@ TINY = GeneratorOptions(branch_channels=[8, 8], expansion=1, head_channels=4)
 LATENT = 16
 
 
-def jiio_deq(**changes) -> DEQ:
-    settings = dict(solver="anderson", grad="jiio", f_max_iter=6, f_tol=1e-4, T=4, m=4,
-                    alpha0=[1.0, 1.0], b_max_iter=6, b_tol=1e-8)
+def generator(task: GenerativeTask, **changes) -> MDEQGenerator:
+    """A tiny generator with a DEQ and a JIIO input optimiser (what grad=jiio gives)."""
+    deq = DEQ(solver="anderson", grad="implicit", f_max_iter=6, f_tol=1e-4, b_max_iter=6)
+    model = build_generator(TINY, deq, task.model_spec())
+    settings = dict(T=4, m=4, alpha0=[1.0, 1.0], b_max_iter=6, b_tol=1e-8)
     settings.update(changes)
-    return DEQ(**settings)
+    model.input_optimiser = JIIO(**settings)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def batch_of(task: GenerativeTask, size: int = 8) -> tuple[torch.Tensor, ...]:
 
 def test_forward_with_an_input_problem(task: GenerativeTask) -> None:
     torch.manual_seed(0)
-    model = build_generator(TINY, jiio_deq(), task.model_spec())
+    model = generator(task)
     batch = batch_of(task)
     output, stats = model.train()(task.model_input(batch))
     loss = task.loss(output, batch)
@@ -73,14 +76,15 @@ def test_forward_with_an_input_problem(task: GenerativeTask) -> None:
 
 
 def test_generator_needs_grad_jiio_for_inference(task: GenerativeTask) -> None:
-    model = build_generator(TINY, DEQ(grad="implicit"), task.model_spec())
+    model = generator(task)
+    model.input_optimiser = None
     with pytest.raises(ConfigError, match="grad=jiio"):
         model(task.model_input(batch_of(task)))
 
 
 def test_artifacts_write_png_grids(task: GenerativeTask, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = build_generator(TINY, jiio_deq(T=2), task.model_spec())
+    model = generator(task, T=2)
     metrics = task.artifacts(model, tmp_path, torch.device("cpu"))
     assert (tmp_path / "recon.png").stat().st_size > 0
     assert (tmp_path / "samples.png").stat().st_size > 0

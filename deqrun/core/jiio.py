@@ -15,7 +15,7 @@ and g_x = dL/dx + J_x^T mu is the total gradient dL/dx, which vanishes (or, with
 P onto a ball around the clean input, is stationary over the ball). Anderson acceleration mixes
 the last m stacked states. Each iteration costs one call of f and one VJP; T is fixed.
 
-Training through JIIO (`JIIOGradient.equilibrium`): one differentiable call f(z*, x*) with x*
+Training through JIIO (`JIIO.equilibrium`): one differentiable call f(z*, x*) with x*
 detached, and the implicit backward w = J^T w + grad started from mu* (scaled to the training
 loss), which already solves it when the training loss is the inner objective.
 """
@@ -29,7 +29,7 @@ from typing import List, Optional
 import torch
 
 from .deq import DEQStats
-from .gradients import Implicit, _hooked, _vjp, register_gradient
+from .gradients import Implicit, _hooked, _vjp
 from .solvers import REL_EPS, SolverResult, _anderson_weights
 from .state import State, StateLayout
 
@@ -352,12 +352,14 @@ def _result(joint: _JointMap, tracker: _BestIterate, options: JIIOOptions) -> JI
         rel_trace=rel_trace, T=options.T, tol=options.best_rel_residual)
 
 
-@register_gradient("jiio")
-class JIIOGradient(JIIOOptions):
+@dataclass
+class JIIO(JIIOOptions):
     """grad=jiio: the joint solve, and training through its solution.
 
-    attach() (a plain DEQ call with this grad) is the cold implicit gradient;
-    equilibrium() wires a JIIO solution into autograd with the backward warm-started from mu*.
+    Built from the grad=jiio options (`JIIO(**options)`) and handed to a model that serves an
+    input-optimisation task (DEQModel.input_optimiser); the model's DEQ keeps its own solver and
+    gradient for plain forwards. equilibrium() wires a JIIO solution into autograd with the
+    implicit backward warm-started from mu*.
     """
 
     def __post_init__(self) -> None:
@@ -370,9 +372,6 @@ class JIIOGradient(JIIOOptions):
               callback: Callback | None = None) -> JIIOResult:
         """The joint solve with these options."""
         return joint_solve(f, objective, z0, x0, self, x_center, callback)
-
-    def attach(self, f, z_star: torch.Tensor, result: SolverResult, stats) -> torch.Tensor:
-        return self.backward.attach(f, z_star, result, stats)
 
     def equilibrium(self, f: StateMap, result: JIIOResult, loss_scale: float = 1.0,
                     warm_start: bool | None = None) -> tuple[State, DEQStats]:

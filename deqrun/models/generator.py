@@ -16,7 +16,7 @@ from typing import Any, List, Optional
 import torch
 from torch import nn
 
-from deqrun.core import DEQ, DEQStats, InputProblem, JIIOGradient, JIIOResult, reset_norms
+from deqrun.core import DEQ, JIIO, DEQStats, InputProblem, JIIOResult, reset_norms
 from deqrun.core.jiio import Callback
 from deqrun.core.norm import apply_weight_norm
 from deqrun.errors import ConfigError
@@ -142,11 +142,11 @@ class MDEQGenerator(DEQModel):
                                  pretrain=pretrain)
         return self.head(z_star), stats
 
-    def jiio(self) -> JIIOGradient:
-        if not isinstance(self.deq.gradient, JIIOGradient):
-            raise ConfigError(f"model={type(self).__name__} infers latents with grad=jiio; "
-                              f"got grad={self.deq.grad_name}")
-        return self.deq.gradient
+    def jiio(self) -> JIIO:
+        if self.input_optimiser is None:
+            raise ConfigError("model=mdeq_generator infers latents with JIIO: run it with "
+                              "grad=jiio (no input optimiser was given)")
+        return self.input_optimiser
 
     def infer(self, problem: InputProblem,
               callback: Callback | None = None) -> tuple[GeneratedImages, DEQStats]:
