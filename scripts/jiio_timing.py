@@ -25,7 +25,7 @@ import torch
 from deqrun.core import DEQ, JIIO, InputProblem
 from deqrun.data.generative import build_images
 from deqrun.measure import synchronize
-from deqrun.models.generator import GeneratorOptions, MDEQGenerator
+from deqrun.models.generator import GeneratorConfig, MDEQGenerator
 from deqrun.tasks.generative import psnr, squared_error
 from deqrun.tasks.inverse import add_noise, centre_mask
 
@@ -101,7 +101,7 @@ def load_generator(args: argparse.Namespace, image_shape: tuple[int, ...],
                    device: torch.device) -> MDEQGenerator:
     deq = DEQ(solver="anderson", grad="implicit", f_max_iter=args.f_max_iter, f_tol=args.f_tol,
               b_max_iter=args.b_max_iter, b_tol=args.b_tol)
-    model = MDEQGenerator(GeneratorOptions(size=args.size), deq, image_shape, args.latent_dim)
+    model = MDEQGenerator(GeneratorConfig(size=args.size), deq, image_shape, args.latent_dim)
     model.input_optimiser = JIIO(T=args.T, m=args.m, alpha0=list(args.alpha0),
                                  b_max_iter=args.b_max_iter, b_tol=args.b_tol)
     state = torch.load(args.checkpoint, map_location=device)

@@ -11,13 +11,13 @@ from conftest import SHARED_DATA
 from deqrun.core import DEQ, JIIO
 from deqrun.data.generative import build_images
 from deqrun.errors import ConfigError, DataNotFoundError
-from deqrun.models.generator import GeneratorOptions, MDEQGenerator, build_generator
+from deqrun.models.generator import GeneratorConfig, MDEQGenerator, build_generator
 from deqrun.registry import input_objective_tasks, serves
 from deqrun.tasks.base import LoaderOptions
-from deqrun.tasks.generative import GenerativeOptions, GenerativeTask, sample_latents
-from deqrun.tasks.inverse import InverseOptions, InverseTask, add_noise, centre_mask
+from deqrun.tasks.generative import GenerativeConfig, GenerativeTask, sample_latents
+from deqrun.tasks.inverse import InverseConfig, InverseTask, add_noise, centre_mask
 
-TINY = GeneratorOptions(branch_channels=[8, 8], expansion=1, head_channels=4)
+TINY = GeneratorConfig(branch_channels=[8, 8], expansion=1, head_channels=4)
 LATENT = 16
 
 
@@ -35,7 +35,7 @@ def generator(task: GenerativeTask, **changes) -> MDEQGenerator:
 def task() -> GenerativeTask:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
-    return GenerativeTask(GenerativeOptions(root=str(SHARED_DATA / "mnist"), image_size=16,
+    return GenerativeTask(GenerativeConfig(root=str(SHARED_DATA / "mnist"), image_size=16,
                                             subset=64, latent_dim=LATENT, fit_latents=16,
                                             grid=4))
 
@@ -106,7 +106,7 @@ def test_inverse_corruptions(shared_data: Path) -> None:
     clean = torch.zeros(2000, 1, 8, 8)
     noisy = add_noise(clean, 0.2, seed=0)
     assert noisy.std().item() == pytest.approx(0.4, rel=0.02)
-    task = InverseTask(InverseOptions(root=str(shared_data / "mnist"), subset=8,
+    task = InverseTask(InverseConfig(root=str(shared_data / "mnist"), subset=8,
                                       corruption="inpaint"))
     batch = next(iter(task.eval_batches("test", LoaderOptions(batch_size=4))))
     objective = task.objective(batch)
@@ -127,4 +127,4 @@ def test_data_errors_and_image_folders(shared_data: Path, tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="valid"):
         build_images("svhn", tmp_path, image_size=16, download=False, notes=[])
     with pytest.raises(ValueError, match="task.dataset"):
-        GenerativeOptions(dataset="svhn").check()
+        GenerativeConfig(dataset="svhn").check()

@@ -35,7 +35,7 @@ GENERATOR_SIZES = {
 
 
 @dataclass
-class GeneratorOptions:
+class GeneratorConfig:
     """model=mdeq_generator: a preset size and optional overrides of its widths."""
 
     name: str = "mdeq_generator"
@@ -98,7 +98,7 @@ def _init_near_contraction(equilibrium: nn.Module, inject: nn.ModuleList,
 class MDEQGenerator(DEQModel):
     """`images, stats = model(latent)` decodes; `model(InputProblem)` infers latents by JIIO."""
 
-    def __init__(self, options: GeneratorOptions, deq: DEQ, image_shape: tuple[int, ...],
+    def __init__(self, options: GeneratorConfig, deq: DEQ, image_shape: tuple[int, ...],
                  latent_dim: int) -> None:
         super().__init__()
         options.check()
@@ -178,9 +178,9 @@ class MDEQGenerator(DEQModel):
         return [p for p in self.parameters() if id(p) not in head]
 
 
-@register_model("mdeq_generator", schema=GeneratorOptions, tasks=("generative", "inverse"),
+@register_model("mdeq_generator", schema=GeneratorConfig, tasks=("generative", "inverse"),
                 description="decoder-only multiscale DEQ generator (latents inferred by JIIO)")
-def build_generator(options: GeneratorOptions, deq: DEQ, spec: ModelSpec) -> MDEQGenerator:
+def build_generator(options: GeneratorConfig, deq: DEQ, spec: ModelSpec) -> MDEQGenerator:
     """A generator for the task's image_shape (C, H, W) and latent_dim (spec.extra)."""
     image_shape, latent_dim = spec.get("image_shape"), spec.get("latent_dim", 128)
     if image_shape is None or len(image_shape) != 3:

@@ -30,7 +30,7 @@ ImageObjective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class GenerativeOptions:
+class GenerativeConfig:
     """task=generative: data set, latent size, and the end-of-run pictures."""
 
     name: str = "generative"
@@ -84,7 +84,7 @@ class GenerativeTask(Task):
     metric = "mse"
     higher_is_better = False
 
-    def __init__(self, options: GenerativeOptions) -> None:
+    def __init__(self, options: GenerativeConfig) -> None:
         super().__init__()
         options.check()
         self.options = options
@@ -186,7 +186,7 @@ def sample_latents(latents: torch.Tensor, count: int, ridge: float = 1e-4,
     return (mean + noise @ chol.T).to(latents.dtype)
 
 
-@register_task("generative", schema=GenerativeOptions, kind="generative", input_objective=True,
+@register_task("generative", schema=GenerativeConfig, kind="generative", input_objective=True,
                description="image reconstruction by a generator with JIIO latent inference")
-def build_generative_task(options: GenerativeOptions) -> GenerativeTask:
+def build_generative_task(options: GenerativeConfig) -> GenerativeTask:
     return GenerativeTask(options)

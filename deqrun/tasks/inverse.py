@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from deqrun.registry import register_task
 from deqrun.tasks.base import LoaderOptions
 from deqrun.tasks.generative import (
-    GenerativeOptions,
+    GenerativeConfig,
     GenerativeTask,
     ImageObjective,
     psnr,
@@ -30,7 +30,7 @@ CORRUPTIONS = ("inpaint", "denoise")
 
 
 @dataclass
-class InverseOptions(GenerativeOptions):
+class InverseConfig(GenerativeConfig):
     """task=inverse: the generative data options plus the corruption."""
 
     name: str = "inverse"
@@ -71,7 +71,7 @@ class InverseTask(GenerativeTask):
     metric = "psnr"
     higher_is_better = True
 
-    def __init__(self, options: InverseOptions) -> None:
+    def __init__(self, options: InverseConfig) -> None:
         super().__init__(options)
         self.mask = centre_mask(self.train_images.shape, options.mask_size)
         self.train_observed = self.observe(self.train_images, options.noise_seed)
@@ -120,7 +120,7 @@ class InverseTask(GenerativeTask):
         return {"loss": mse, "mse": mse, "psnr": sums["psnr_sum"] / count}
 
 
-@register_task("inverse", schema=InverseOptions, kind="inverse", input_objective=True,
+@register_task("inverse", schema=InverseConfig, kind="inverse", input_objective=True,
                description="inpainting / denoising through a trained generator (JIIO latents)")
-def build_inverse_task(options: InverseOptions) -> InverseTask:
+def build_inverse_task(options: InverseConfig) -> InverseTask:
     return InverseTask(options)
