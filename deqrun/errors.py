@@ -28,8 +28,8 @@ class CheckpointError(UserError):
 class WriteError(UserError):
     """A file of the run folder could not be written (read-only folder, full disk, ...)."""
 
-    def __init__(self, path: Any, error: OSError) -> None:
-        reason = error.strerror or type(error).__name__
+    def __init__(self, path: Any, error: Exception) -> None:
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:200]
         super().__init__(f"cannot write {path}: {reason}; the last good files are kept")
         self.path = path
 

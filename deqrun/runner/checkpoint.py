@@ -66,9 +66,12 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     temporary = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, temporary)
+        with open(temporary, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         try:
             temporary.unlink(missing_ok=True)
         except OSError:
