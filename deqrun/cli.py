@@ -12,6 +12,7 @@ the sweep ends with a summary and a non-zero status.
 from __future__ import annotations
 
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from deqrun.config import check_run_name, register_configs, resolve
-from deqrun.errors import Diverged, Interrupted, UserError, WriteError
+from deqrun.errors import Abort, Diverged, Interrupted, UserError, WriteError
 from deqrun.results import read_metrics, write_metrics
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -48,19 +49,27 @@ def _job(cfg: DictConfig) -> Any:
     try:
         config, resolved = resolve(cfg)
         from deqrun.runner import run  # the data and model stack loads after the config checks
+        from deqrun.runner.build import select_device
         from deqrun.runner.folder import claim, write_job_config
 
+        select_device(config.trainer.device)  # a device this machine lacks: before any write
         held = claim(run_dir, config)
         if held.previous is None:
             write_job_config(run_dir, cfg, list(hydra_cfg.overrides.task))
         return run(config, resolved, run_dir, held.previous)
     except UserError as error:
         _record_failure(run_dir, held, was_empty, multirun, str(error))
+        if multirun and was_empty and (held is None or held.previous is None):
+            _try_job_config(run_dir, cfg, list(hydra_cfg.overrides.task))
         _leave(f"error: {error}", EXIT_USER_ERROR, multirun)
     except Diverged as diverged:
         _leave(f"diverged: {diverged}", EXIT_DIVERGED, multirun)
     except Interrupted as stop:
         _leave(str(stop), 128 + stop.signum, False)
+    except (KeyboardInterrupt, Abort) as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        _leave(f"stopped by {signal.Signals(signum).name} before training started", 128 + signum,
+               False)
     except Exception as error:
         if held is not None and held.may_record_failure:
             _try_write(run_dir, status="failed", error=f"{type(error).__name__}: {error}")
@@ -81,6 +90,16 @@ def _record_failure(run_dir: Path, held: Any, was_empty: bool, multirun: bool,
         _try_write(run_dir, status="failed", error=message)
     elif was_empty and run_dir.is_dir() and not any(run_dir.iterdir()):
         run_dir.rmdir()
+
+
+def _try_job_config(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:
+    """A failed sweep job keeps its config in .hydra/ (deqrun-report places it by that)."""
+    from deqrun.runner.folder import write_job_config
+
+    try:
+        write_job_config(run_dir, cfg, overrides)
+    except WriteError:
+        pass
 
 
 def _try_write(run_dir: Path, **fields: Any) -> None:

@@ -48,3 +48,12 @@ class Diverged(Exception):
     def __init__(self, message: str, details: dict[str, Any]) -> None:
         super().__init__(message)
         self.details = details
+
+
+class Abort(BaseException):
+    """A third stop signal: leave at once, without a new checkpoint (not an Exception, so that
+    no handler swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

@@ -3,10 +3,12 @@ signals, write failures. CLI cases run as subprocesses; file-level cases run in 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -14,12 +16,13 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
-from deqrun.cli import quote_run_name
+from deqrun.cli import main, quote_run_name
 from deqrun.config import check_run_name
 from deqrun.errors import CheckpointError, ConfigError, RunFolderError, WriteError
 from deqrun.loggers import build_logger
@@ -30,9 +33,40 @@ FAST = ["trainer.epochs=1", "task.subset=128", "trainer.batch_size=64", "solver.
 
 
 def deqrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "deqrun.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    """The deqrun command in this process (a subprocess costs ~10 s of imports on a busy box):
+    exit status, stdout and stderr, as a CompletedProcess."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = (sys.argv, os.getcwd(), torch.get_num_threads(),
+             torch.are_deterministic_algorithms_enabled())
+    sys.argv = ["deqrun", *args]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+                status = 0
+            except SystemExit as stop:
+                status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None
+                                                                        else 1)
+            except Exception:  # a bug: show it as the CLI would
+                traceback.print_exc()
+                status = 1
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        torch.set_num_threads(saved[2])
+        torch.use_deterministic_algorithms(saved[3])
+        _close_file_logs()
+    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
+
+
+def _close_file_logs() -> None:
+    """Detach the run folder's log file that Hydra attached, so later logs never reach it."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -164,11 +198,18 @@ def test_a_traversing_run_name_is_refused_before_any_folder_is_made(tmp_path):
 
 
 def test_a_run_named_null_gets_a_folder_called_null(tmp_path):
-    result = deqrun([*FAST, "run_name=null", "trainer.device=mps"], tmp_path)
-    assert_one_line_error(result, "MPS is not available")
+    result = deqrun([*FAST, "run_name=null", "task=cifar10", "task.root=/nonexistent"], tmp_path)
+    assert_one_line_error(result, "/nonexistent")
     run_dir = tmp_path / "outputs" / "runs" / "null"
     assert strict_metrics(run_dir)["status"] == "failed"
     assert not (tmp_path / "outputs" / "runs" / "None").exists()
+
+
+def test_a_config_error_on_a_new_name_leaves_no_folder(tmp_path):
+    result = deqrun([*FAST, "run_name=1e3", "trainer.device=mps"], tmp_path)
+    assert_one_line_error(result, "MPS is not available")
+    assert not (tmp_path / "outputs" / "runs" / "1e3").exists()
+    assert not (tmp_path / "outputs" / "runs" / "1000.0").exists()
 
 
 # ---- divergence ----------------------------------------------------------------------------------
@@ -222,11 +263,21 @@ def wait_for_steps(path: Path, count: int, process: subprocess.Popen) -> None:
     raise AssertionError(f"{path} did not reach {count} steps")
 
 
+def wait_for_text(path: Path, text: str, process: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{path} never said {text!r}")
+
+
 def interrupt_during_evaluation(cwd: Path, name: str, signals: list[int]) -> Path:
     """Start a FAST run, signal it once its last training step is logged; check the stop."""
     process = start([*FAST, f"run_name={name}"], cwd)
     run_dir = cwd / "outputs" / "runs" / name
     wait_for_steps(run_dir / "steps.jsonl", 2, process)
+    wait_for_text(run_dir / "deqrun.log", "evaluating test", process)
     for signum in signals:
         process.send_signal(signum)
         time.sleep(0.05)

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from deqrun.config import RunConfig
-from deqrun.errors import Diverged, Interrupted, WriteError
+from deqrun.errors import Abort, Diverged, Interrupted, WriteError
 from deqrun.gradcheck import cosine, exact_method, parameter_gradients, rng_state
 from deqrun.loggers import Logger, build_logger
 from deqrun.measure import SavedTensorMeter, Timer, peak_memory_bytes, reset_peak_memory
@@ -47,7 +47,7 @@ from deqrun.runner.build import (
 )
 from deqrun.runner.checkpoint import check_compatible, read_checkpoint, restore, save_checkpoint
 from deqrun.runner.progress import Progress, add
-from deqrun.runner.signals import Abort, StopSignals
+from deqrun.runner.signals import StopSignals
 from deqrun.tasks.base import Task, skip
 
 log = logging.getLogger("deqrun")
@@ -78,8 +78,10 @@ class Training:
 
     @property
     def finished(self) -> bool:
+        """The budget is spent and its last epoch was evaluated (not stopped inside it)."""
         p = self.progress
-        return p.epoch >= self.config.trainer.epochs or p.step >= self.total_steps
+        spent = p.epoch >= self.config.trainer.epochs or p.step >= self.total_steps
+        return spent and p.step_in_epoch == 0
 
     def show_progress(self) -> bool | None:
         """tqdm's `disable`: None = only on a terminal."""
@@ -98,28 +100,16 @@ def run(config: RunConfig, resolved: dict[str, Any], run_dir: Path,
     `previous`: the run folder's metrics.json before this process (None for a new folder). A
     resumed run that has nothing left to train returns its saved final metrics untouched.
     """
-    t = prepare(config, resolved, run_dir)
-    if t.finished and previous and previous.get("status") == "completed":
-        return nothing_to_do(t, previous)
-    fresh = t.progress.step == 0
-    if not fresh:
-        log.info("resumed at epoch %d, step %d", t.progress.epoch + 1, t.progress.step)
-    notes = config.notes + t.task.notes
-    write_metrics(run_dir, status="running", fresh=fresh, run_name=config.run_name,
-                  run_dir=str(run_dir), config=resolved, notes=notes,
-                  environment=environment(t.device), parameters=count_parameters(t.model))
-    log.info("run %s: %d parameters, %d steps, device %s", config.run_name,
-             count_parameters(t.model), t.total_steps, t.device)
-    for note in notes:
-        log.info("note: %s", note)
-    t.logger = build_logger(config.logger.name, run_dir, resolved, append=not fresh,
-                            resume_at=(t.progress.step, t.progress.epoch),
-                            **logger_options(config, resume=not fresh))
-    try:
-        with StopSignals() as t.stop:
+    with StopSignals() as stop:
+        t = prepare(config, resolved, run_dir)
+        t.stop = stop
+        if t.finished and previous and previous.get("status") == "completed":
+            return nothing_to_do(t, previous)
+        begin(t)
+        try:
             final = train_to_the_end(t)
-    finally:
-        t.logger.close()
+        finally:
+            t.logger.close()
     write_metrics(run_dir, status="completed", final=final, history=t.progress.history,
                   skipped_batches=t.progress.skipped)
     log.info("final: %s", json.dumps(sanitize({k: final[k] for k in
@@ -127,10 +117,31 @@ def run(config: RunConfig, resolved: dict[str, Any], run_dir: Path,
     return final
 
 
+def begin(t: Training) -> None:
+    """Mark the run as running in metrics.json, log its set-up, open the logger."""
+    config, run_dir = t.config, t.run_dir
+    fresh = t.progress.step == 0
+    if not fresh:
+        log.info("resumed at epoch %d, step %d", t.progress.epoch + 1, t.progress.step)
+    notes = config.notes + t.task.notes
+    write_metrics(run_dir, status="running", fresh=fresh, run_name=config.run_name,
+                  run_dir=str(run_dir), config=t.resolved, notes=notes,
+                  environment=environment(t.device), parameters=count_parameters(t.model))
+    log.info("run %s: %d parameters, %d steps, device %s", config.run_name,
+             count_parameters(t.model), t.total_steps, t.device)
+    for note in notes:
+        log.info("note: %s", note)
+    t.logger = build_logger(config.logger.name, run_dir, t.resolved, append=not fresh,
+                            resume_at=(t.progress.step, t.progress.epoch),
+                            **logger_options(config, resume=not fresh))
+
+
 def train_to_the_end(t: Training) -> dict[str, Any]:
     """Epochs until the budget is spent; a signal, divergence or write failure ends the run."""
     try:
         while not t.finished:
+            if t.stop.stopped:
+                interrupt(t)
             train_epoch(t)
             if not t.stop.stopped:
                 finish_epoch(t)
@@ -428,6 +439,7 @@ def evaluate(t: Training, split: str) -> dict[str, float]:
     model.eval()
     model.reset_state()
     batches = task.eval_batches(split, loader_options(t.config, device, train=False))
+    log.info("evaluating %s: %d batches", split, len(batches))
     sums: dict[str, float] = {}
     solver: dict[str, float] = {}
     with torch.set_grad_enabled(task.eval_with_grad):

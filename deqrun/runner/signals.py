@@ -16,15 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from deqrun.errors import Abort
+
 log = logging.getLogger("deqrun")
-
-
-class Abort(BaseException):
-    """A third stop signal: leave now, without a new checkpoint."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
 
 
 class StopSignals:
