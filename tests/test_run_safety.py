@@ -163,6 +163,36 @@ def test_an_unreadable_checkpoint_is_refused_in_one_line_naming_it(finished, tmp
     assert snapshot(run_dir) == before
 
 
+def copy_run(finished: Path, cwd: Path, name: str) -> Path:
+    run_dir = cwd / "outputs" / "runs" / name
+    shutil.copytree(finished, run_dir)
+    return run_dir
+
+
+def test_resume_force_keeps_weights_and_progress_and_resets_the_optimiser(finished, tmp_path):
+    run_dir = copy_run(finished[0], tmp_path, "forced")
+    args = [*FAST, "run_name=forced", "trainer.resume=true", "trainer.epochs=2",
+            "optim.lr=0.01"]
+    refused = deqrun(args, tmp_path)
+    assert_one_line_error(refused, "optim.lr (0.001 -> 0.01)")
+    result = deqrun([*args, "trainer.resume_force=true"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    content = strict_metrics(run_dir)
+    assert content["status"] == "completed" and len(content["history"]) == 2
+    assert any("resume_force" in note and "optim.lr" in note for note in content["notes"])
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["progress"]["step"] == 4 and state["config"]["optim"]["lr"] == 0.01
+
+
+def test_resume_force_refuses_weights_that_do_not_fit(finished, tmp_path):
+    run_dir = copy_run(finished[0], tmp_path, "resized")
+    before = snapshot(run_dir)
+    result = deqrun([*FAST, "run_name=resized", "trainer.resume=true",
+                     "trainer.resume_force=true", "model.stem_channels=8"], tmp_path)
+    assert_one_line_error(result, "does not fit the configured model")
+    assert snapshot(run_dir) == before
+
+
 def test_a_second_process_is_refused_by_the_lock(finished):
     run_dir, before = finished
     lock = run_dir / ".lock"
