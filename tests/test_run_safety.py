@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -104,6 +105,14 @@ def assert_strict_files(run_dir: Path) -> None:
     for path in run_dir.glob("*.csv"):
         rows = list(csv.reader(io.StringIO(path.read_text())))
         assert all(len(row) == len(rows[0]) for row in rows)
+    if importlib.util.find_spec("pandas") is not None:
+        import pandas
+
+        for path in [*run_dir.glob("*.csv"), *run_dir.glob("*.jsonl")]:
+            if path.stat().st_size:
+                frame = (pandas.read_csv(path) if path.suffix == ".csv"
+                         else pandas.read_json(path, lines=True))
+                assert len(frame) == len(path.read_text().splitlines()) - (path.suffix == ".csv")
 
 
 @pytest.fixture(scope="module")
