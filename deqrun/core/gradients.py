@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .solvers import SOLVERS, STOP_MODES, SolverResult, check_solver_options
+from .state import State
 
 GRADIENTS: dict[str, type] = {}
 FlatMap = Callable[[torch.Tensor], torch.Tensor]
@@ -202,3 +203,21 @@ class Shine:
             return stats.backward.z
 
         return _hooked(z_out, hook)
+
+
+def outer_gradient(loss: Callable[[State], torch.Tensor]) -> Callable[[State], State]:
+    """Turn a scalar outer loss of the DEQ state into z -> dL/dz, for DEQ(..., outer_grad=...).
+
+    The returned callable runs with autograd on (even inside the graph-free forward solve) and
+    returns detached gradients, shaped like the state (a tensor or a list of tensors).
+    """
+
+    def grad_of(z: State) -> State:
+        leaves = [t.detach().requires_grad_() for t in (z if isinstance(z, list) else [z])]
+        with torch.enable_grad():
+            value = loss(leaves if isinstance(z, list) else leaves[0])
+            grads = torch.autograd.grad(value, leaves, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+        return grads if isinstance(z, list) else grads[0]
+
+    return grad_of

@@ -177,7 +177,8 @@ class _Tracker:
 def register_solver(name: str):
     """Register a solver written on flat (batch, dim) states under `name`.
 
-    The registered function accepts a tensor or a list of tensors and flattens them itself.
+    The registered function accepts a tensor or a list of tensors and flattens them itself
+    (and the run-time `outer_grad` callable, state -> dL/dz, when given).
     """
 
     def wrap(flat_solver: Callable[..., SolverResult]) -> Callable[..., SolverResult]:
@@ -188,6 +189,8 @@ def register_solver(name: str):
                 raise ValueError(f"max_iter must be >= 1, got {max_iter}")
             layout = StateLayout.of(z0)
             tracker = _Tracker(layout.flatten(z0).detach(), tol, stop_mode)
+            if options.get("outer_grad") is not None:
+                options["outer_grad"] = layout.flat_map(options["outer_grad"])
             return flat_solver(layout.flat_map(f), tracker.best_z.clone(), int(max_iter),
                                tracker, layout, **options)
 
@@ -288,20 +291,23 @@ def _anderson_weights(gram: torch.Tensor, lam: float) -> torch.Tensor:
 def broyden(f, z, max_iter, tracker, layout, *, mem: int | None = None, line_search: bool = False,
             update: str = "good", opa_every: int = 0, explode_patience: int = 3,
             init_lowrank: tuple | None = None, outer_grad: Callable | None = None) -> SolverResult:
-    """Broyden's method on g(z) = f(z) - z with a circular memory of `mem` rank-one pairs.
+    """Broyden's method on g(z) = f(z) - z with a circular memory of `mem` rank-one pairs
+    (default: room for every update of the solve, OPA ones included).
 
     update: "good" (secant B dg = dz) or "adjoint" (Schlenkrich et al.'s type C: one VJP per step,
     adjoint secant (sigma^T J_g) B = sigma^T along the residual sigma = g).
-    opa_every > 0 (outer-problem awareness, needs the run-time `outer_grad(z) -> dL/dz`): every
+    opa_every > 0 (outer-problem awareness): given the run-time `outer_grad(z) -> dL/dz`, every
     opa_every steps an extra adjoint update along sigma = B^T dL/dz, so that SHINE's -dL/dz^T B
-    is right in that direction. line_search: per-sample backtracking (Armijo on ||g||^2).
+    is right in that direction (without outer_grad, e.g. in evaluation, there is none).
+    line_search: per-sample backtracking (Armijo on ||g||^2).
     `init_lowrank=(u, v)` starts from B = -I + sum u_j v_j^T (pairs kept for the whole solve).
     A sample whose residual stays above 1e6 x the first for `explode_patience` consecutive steps
     is frozen and marked diverged (protective break); the solve ends when every sample is done.
     """
-    _check_broyden(mem, update, opa_every, explode_patience, line_search, outer_grad)
-    mem = max_iter - 1 if mem is None else int(mem)
-    memory = _BroydenMemory(z, min(mem, max(max_iter - 1, 1)), init_lowrank)
+    _check_broyden(mem, update, opa_every, explode_patience, line_search)
+    opa_every = opa_every if outer_grad is not None else 0
+    most = max(max_iter - 1, 1) + (max_iter // opa_every if opa_every else 0)
+    memory = _BroydenMemory(z, most if mem is None else min(int(mem), most), init_lowrank)
     graph = update == "adjoint" or opa_every > 0
     point = _Point.at(f, z, graph)
     done = tracker.update(point.z, point.fz, point.g)
@@ -326,7 +332,7 @@ def broyden(f, z, max_iter, tracker, layout, *, mem: int | None = None, line_sea
     return tracker.result(layout, len(tracker.abs_trace), memory.lowrank())
 
 
-def _check_broyden(mem, update, opa_every, explode_patience, line_search, outer_grad) -> None:
+def _check_broyden(mem, update, opa_every, explode_patience, line_search) -> None:
     if mem is not None and int(mem) < 1:
         raise ValueError(f"broyden mem must be >= 1, got {mem}")
     if update not in ("good", "adjoint"):
@@ -335,8 +341,6 @@ def _check_broyden(mem, update, opa_every, explode_patience, line_search, outer_
         raise ValueError("broyden needs opa_every >= 0 and explode_patience >= 1")
     if line_search and (update == "adjoint" or opa_every > 0):
         raise ValueError("broyden line_search works with update='good' and no OPA only")
-    if opa_every > 0 and outer_grad is None:
-        raise ValueError("broyden opa_every > 0 needs the outer-loss gradient (outer_grad)")
 
 
 @dataclass
