@@ -119,3 +119,12 @@ def test_deq_with_opa_refuses_a_training_call_without_outer_grad():
     deq = DEQ(solver="broyden", grad="shine", opa_every=5)
     with pytest.raises(ValueError, match="outer_grad"):
         deq(layer.f, torch.zeros(2, 8, dtype=torch.float64))
+
+
+def test_inversion_study_shows_opa_exact_in_the_prescribed_direction():
+    from deqrun.studies import inversion
+
+    f, system = inversion.tanh_problem(0, normal=False)
+    plain = inversion.cosines(f, system, inversion.METHODS["Broyden"], 0)
+    opa = inversion.cosines(f, system, inversion.METHODS["Broyden + OPA"], 0)
+    assert opa["prescribed"] > 0.999 > plain["prescribed"]

@@ -84,3 +84,12 @@ def test_every_method_lowers_the_validation_loss_on_breast_cancer():
     for method in bilevel.METHODS:
         records = bilevel.hyperoptimise(problem, method, 8, bilevel.LAM0, lr)
         assert records[-1][2] < records[0][2], method
+
+
+def test_the_study_runs_end_to_end_and_writes_its_outputs(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["bilevel", "--out", str(tmp_path), "--seeds", "1",
+                                     "--datasets", "breast_cancer", "--outer", "3",
+                                     "--search", "3"])
+    bilevel.main()
+    assert {p.name for p in tmp_path.iterdir()} == {"bilevel.json", "bilevel.txt", "bilevel.png"}
+    assert "HOAG" in (tmp_path / "bilevel.txt").read_text()
