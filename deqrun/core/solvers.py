@@ -308,8 +308,11 @@ def broyden(f, z, max_iter, tracker, layout, *, mem: int | None = None, line_sea
     opa_every = opa_every if outer_grad is not None else 0
     most = max(max_iter - 1, 1) + (max_iter // opa_every if opa_every else 0)
     memory = _BroydenMemory(z, most if mem is None else min(int(mem), most), init_lowrank)
-    graph = update == "adjoint" or opa_every > 0
-    point = _Point.at(f, z, graph)
+    def graph(step_index: int) -> bool:
+        """Whether the iterate reached at this step needs VJPs (adjoint or OPA update there)."""
+        return update == "adjoint" or (opa_every > 0 and (step_index + 1) % opa_every == 0)
+
+    point = _Point.at(f, z, graph(0))
     done = tracker.update(point.z, point.fz, point.g)
     step = memory.matvec(point.g).neg_()
     frozen = torch.zeros_like(tracker.diverged)
@@ -318,7 +321,7 @@ def broyden(f, z, max_iter, tracker, layout, *, mem: int | None = None, line_sea
         steps += 1
         if opa_every and steps % opa_every == 0:
             step = memory.opa_update(point, outer_grad(point.z), tracker.improved, frozen)
-        new, scale, done = _advance(f, point, step, tracker, max_iter, line_search, graph)
+        new, scale, done = _advance(f, point, step, tracker, max_iter, line_search, graph(steps))
         tracker.diverged |= tracker.exploded(explode_patience)
         frozen |= tracker.diverged
         all_done = bool((frozen | (tracker.best() <= tracker.tol)).all())
