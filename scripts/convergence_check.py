@@ -1,0 +1,82 @@
+"""How converged is a trained DEQ's forward solve? Per-sample figures on its test split.
+
+    python scripts/convergence_check.py outputs/runs/NAME [outputs/runs/OTHER ...]
+
+For each run folder (checkpoints/last.pt + metrics.json), solves every test batch with the run's
+training-mode budget and tolerance (no graph) and reports: the fraction of samples whose best
+residual is under tol, the median number of steps until a sample first gets under tol (the
+budget when it never does), the median f evaluations per batch (the batch stops when every
+sample is done), and the mean best residual. The logged `nstep` is the index of the best iterate,
+which keeps moving after a sample is under tol while the rest of its batch still iterates; the
+figures here separate the two. Written for the pre-runner train.py (deqrun.precision.load_model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from deqrun.precision import RunFolder, load_model
+from deqrun.train import eval_loader
+
+
+def steps_to_tol(trace: torch.Tensor, tol: float) -> torch.Tensor:
+    """First 1-based step at which each sample's residual is <= tol (trace: steps x batch)."""
+    under = trace <= tol
+    first = torch.where(under.any(0), under.float().argmax(0) + 1, trace.shape[0])
+    return first
+
+
+def check(path: Path) -> dict:
+
+    metrics = json.loads((path / "metrics.json").read_text())
+    task, model, config, device = load_model(
+        RunFolder(path, metrics, path / "checkpoints" / "last.pt")
+    )
+    deq = model.deq
+    deq.eval_f_max_iter, deq.eval_f_tol = deq.f_max_iter, deq.f_tol
+    model.eval()
+    steps, residuals, evals, converged = [], [], [], []
+    with torch.no_grad():
+        for x, _ in eval_loader(task, config, device):
+            _, stats = model(x.to(device))
+            result = stats.forward
+            steps += steps_to_tol(result.trace, result.tol).tolist()
+            residuals += result.residual.tolist()
+            converged += result.converged.tolist()
+            evals.append(result.n_f_evals)
+    return dict(
+        run=path.name,
+        budget=deq.f_max_iter,
+        tol=deq.f_tol,
+        converged=sum(converged) / len(converged),
+        median_steps_to_tol=statistics.median(steps),
+        median_f_evals=statistics.median(evals),
+        mean_residual=sum(residuals) / len(residuals),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(
+        f"{'run':<28}{'budget':>7}{'tol':>8}{'under tol':>11}{'steps to tol':>14}"
+        f"{'f evals':>9}{'residual':>10}"
+    )
+    for path in args.runs:
+        r = check(path)
+        print(
+            f"{r['run']:<28}{r['budget']:>7}{r['tol']:>8.0e}{r['converged']:>11.1%}"
+            f"{r['median_steps_to_tol']:>14.1f}{r['median_f_evals']:>9.1f}"
+            f"{r['mean_residual']:>10.2e}"
+        )
+
+
+if __name__ == "__main__":
+    main()
