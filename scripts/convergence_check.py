@@ -24,13 +24,6 @@ from deqrun.precision import RunFolder, load_model
 from deqrun.train import eval_loader
 
 
-def steps_to_tol(trace: torch.Tensor, tol: float) -> torch.Tensor:
-    """First 1-based step at which each sample's residual is <= tol (trace: steps x batch)."""
-    under = trace <= tol
-    first = torch.where(under.any(0), under.float().argmax(0) + 1, trace.shape[0])
-    return first
-
-
 def check(path: Path) -> dict:
 
     metrics = json.loads((path / "metrics.json").read_text())
@@ -45,7 +38,7 @@ def check(path: Path) -> dict:
         for x, _ in eval_loader(task, config, device):
             _, stats = model(x.to(device))
             result = stats.forward
-            steps += steps_to_tol(result.trace, result.tol).tolist()
+            steps += result.steps_to_tol.tolist()
             residuals += result.residual.tolist()
             converged += result.converged.tolist()
             evals.append(result.n_f_evals)

@@ -149,3 +149,15 @@ def test_torchdeq_broyden_fails_wherever_ours_does():
         theirs = float((f(z) - z).norm())
         if theirs < 1e-8:
             assert bool(solve(name).converged.all()), name
+
+
+def test_steps_to_tol_is_the_first_step_under_tol_per_sample():
+    """Sample 0 contracts fast, sample 1 slowly: nstep keeps moving for 0, steps_to_tol does not."""
+    rate = torch.tensor([[0.1], [0.7]], dtype=torch.float64)
+    z0 = torch.zeros(2, 3, dtype=torch.float64)
+    result = SOLVERS["fixed_point"](lambda z: rate * z + 1.0, z0, max_iter=100, tol=1e-6,
+                                    stop_mode="abs")
+    under = result.abs_trace <= 1e-6
+    assert result.steps_to_tol.tolist() == [int(under[:, i].nonzero()[0]) + 1 for i in range(2)]
+    assert int(result.steps_to_tol[0]) < int(result.nstep[0])
+    assert int(result.steps_to_tol[1]) == int(result.nstep[1]) == result.n_f_evals

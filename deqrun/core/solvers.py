@@ -84,6 +84,15 @@ class SolverResult:
     def trace(self) -> torch.Tensor:
         return self.rel_trace if self.stop_mode == "rel" else self.abs_trace
 
+    @property
+    def steps_to_tol(self) -> torch.Tensor:
+        """Per sample, the first f evaluation (1-based) whose residual is <= tol; the number of
+        evaluations made when none is. Unlike nstep (the best iterate's index, which keeps moving
+        while the rest of the batch iterates), this is the work the sample itself needed."""
+        under = self.trace <= self.tol
+        return torch.where(under.any(dim=0), under.to(torch.uint8).argmax(dim=0) + 1,
+                           self.trace.shape[0])
+
 
 def _lowrank_apply(left: torch.Tensor, right: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """sum_j left_j (right_j . x) for (batch, n, dim) pairs; zero when n == 0."""
