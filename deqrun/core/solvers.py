@@ -476,11 +476,12 @@ class _BroydenMemory:
         q = self.matvec(g_new)
         v = self.rmatvec(step if scale is None else scale * step)
         denom = _safe_denominator(_rowdot(v, dg))
-        u = q.neg() if scale is None else (scale - 1) * step - q
-        u = u.div_(denom)
+        u = torch.div(q if scale is None else q - (scale - 1) * step, denom.neg())
         coefficient = _rowdot(v, g_new)
         if self._store(u, v, improved):
             return self.matvec(g_new).neg_()
+        if scale is None:
+            return q.mul_(coefficient.div_(denom).sub_(1.0))
         return q.add_(u * coefficient).neg_()
 
     def adjoint_update(self, point: _Point, sigma: torch.Tensor, improved) -> torch.Tensor:
