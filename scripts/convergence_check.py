@@ -8,7 +8,7 @@ residual is under tol, the median number of steps until a sample first gets unde
 budget when it never does), the median f evaluations per batch (the batch stops when every
 sample is done), and the mean best residual. The logged `nstep` is the index of the best iterate,
 which keeps moving after a sample is under tol while the rest of its batch still iterates; the
-figures here separate the two. Written for the pre-runner train.py (deqrun.precision.load_model).
+figures here separate the two. Uses deqrun.precision.load_model and the task's test batches.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from deqrun.precision import RunFolder, load_model
-from deqrun.train import eval_loader
+from deqrun.runner.build import loader_options
 
 
 def check(path: Path) -> dict:
-
+    """The convergence figures of one run folder."""
     metrics = json.loads((path / "metrics.json").read_text())
     task, model, config, device = load_model(
         RunFolder(path, metrics, path / "checkpoints" / "last.pt")
@@ -33,10 +33,13 @@ def check(path: Path) -> dict:
     deq = model.deq
     deq.eval_f_max_iter, deq.eval_f_tol = deq.f_max_iter, deq.f_tol
     model.eval()
+    model.reset_state()
     steps, residuals, evals, converged = [], [], [], []
+    batches = task.eval_batches("test", loader_options(config, device, train=False))
     with torch.no_grad():
-        for x, _ in eval_loader(task, config, device):
-            _, stats = model(x.to(device))
+        for batch in batches:
+            batch = task.to_device(batch, device)
+            _, stats = model(task.model_input(batch))
             result = stats.forward
             steps += result.steps_to_tol.tolist()
             residuals += result.residual.tolist()
