@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import pytest
 from test_tables import CONFIGS, composed, sweep_values
 
-from deqrun.config import SCHEMAS, resolve
+from deqrun.config import resolve
 
 ROWS = sorted(p.stem for p in (CONFIGS / "experiment" / "shine").glob("*.yaml"))
 GRAD_OF_ROW = {"original": "implicit", "shine": "shine", "jacobian": "jacobian_free",
                "jf": "jacobian_free"}
-
-
-def needs_schema_with_refine(row: str) -> None:
-    schema = SCHEMAS["grad"].get("jacobian_free")
-    if row.startswith("jf_") and schema and "refine" not in {f.name for f in fields(schema)}:
-        pytest.skip("this config.py predates the registry-driven schemas (no jacobian_free.refine)")
 
 
 def test_rows_cover_the_papers_grid():
@@ -30,7 +22,6 @@ def test_rows_cover_the_papers_grid():
 
 @pytest.mark.parametrize("row", ROWS)
 def test_every_shine_row_composes_with_its_gradient(row):
-    needs_schema_with_refine(row)
     run, resolved = resolve(composed(f"experiment=shine/{row}"))
     assert resolved["row"]["id"] == row
     assert run.grad.name == GRAD_OF_ROW[row.split("_")[0]]
