@@ -8,7 +8,7 @@ residual is under tol, the median number of steps until a sample first gets unde
 budget when it never does), the median f evaluations per batch (the batch stops when every
 sample is done), and the mean best residual. The logged `nstep` is the index of the best iterate,
 which keeps moving after a sample is under tol while the rest of its batch still iterates; the
-figures here separate the two. Uses deqrun.precision.load_model and the task's test batches.
+figures here separate the two. Uses the precision study's load_model and the task's test batches.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from pathlib import Path
 
 import torch
 
-from deqrun.precision import RunFolder, load_model
 from deqrun.runner.build import loader_options
+from deqrun.studies.precision.checkpoint import load_model
+from deqrun.studies.precision.runfolder import RunFolder
 
 
 def check(path: Path) -> dict:
     """The convergence figures of one run folder."""
     metrics = json.loads((path / "metrics.json").read_text())
-    task, model, config, device = load_model(
-        RunFolder(path, metrics, path / "checkpoints" / "last.pt")
-    )
+    loaded = load_model(RunFolder(path, metrics, path / "checkpoints" / "last.pt"))
+    task, model, config, device = loaded.task, loaded.model, loaded.config, loaded.device
     deq = model.deq
     deq.eval_f_max_iter, deq.eval_f_tol = deq.f_max_iter, deq.f_tol
     model.eval()
