@@ -64,5 +64,8 @@ class StopSignals:
         return self.signum is not None
 
     def __exit__(self, *exc: Any) -> None:
+        """Restore the previous handlers; after a stop, ignore further signals instead: the
+        process is on its way out with its checkpoint written, and a late signal must not turn
+        that exit into a traceback."""
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if self.stopped else handler)
