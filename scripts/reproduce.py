@@ -152,7 +152,9 @@ def dry_run(name: str, scale: str, args: list[str], configs: Path) -> int:
         base = [f"table={name}_{scale}", *args]
         params = compose("config", overrides=base, return_hydra_config=True).hydra.sweeper.params
         sweep = {key: str(value).split(",") for key, value in (params or {}).items()}
-        print(f"# ==== table {name}_{scale}: sweep {OmegaConf.to_yaml(params).strip()}")
+        print(f"# ==== table {name}_{scale}, sweep:")
+        for key, values in sweep.items():
+            print(f"#   {key}: {','.join(values)}")
         jobs = [dict(zip(sweep, values)) for values in itertools.product(*sweep.values())]
         for job in jobs:
             overrides = [f"{key}={value}" for key, value in job.items()]
