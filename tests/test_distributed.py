@@ -125,6 +125,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 25 s of CPU, but several minutes of wall time on a loaded 2-core machine
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     single, double = tmp_path / "single", tmp_path / "double"
     single.mkdir()
@@ -146,6 +147,29 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     assert [r["peak"] for r in ranks] == [200.0, 200.0] and one["peak"] == 100.0
     assert [r["stop"] for r in ranks] == [True, True] and not ranks[0]["calm"]
     assert [r["told"] for r in ranks] == [{"from": 0}, {"from": 0}]
+
+
+def test_averaged_shard_gradients_equal_the_global_batch_gradient():
+    """What DDP computes, in one process: the mean of the ranks' gradients on their shards."""
+    task, world = tiny_task(), 2
+    torch.manual_seed(1)
+    single = TinyDEQ().double()
+    ranks = [TinyDEQ().double() for _ in range(world)]
+    for model in ranks:
+        model.load_state_dict(single.state_dict())
+    options = LoaderOptions(GLOBAL_BATCH, seed=SEED)
+    whole = task.train_batches(1, options)
+    shards = [shard_batches(task, 1, options, DistributedContext(rank=r, world_size=world))
+              for r in range(world)]
+    for (x, y), *parts in zip(whole, *shards):
+        single.zero_grad()
+        task.loss(single(x)[0], (x, y)).backward()
+        for model, (xr, yr) in zip(ranks, parts):
+            model.zero_grad()
+            task.loss(model(xr)[0], (xr, yr)).backward()
+        for p, *rank_params in zip(single.parameters(), *(m.parameters() for m in ranks)):
+            averaged = sum(q.grad for q in rank_params) / world
+            torch.testing.assert_close(averaged, p.grad, rtol=1e-8, atol=1e-10)
 
 
 def test_discover_reads_torchrun_then_slurm_then_single():
