@@ -22,6 +22,7 @@ from deqrun.runner.distributed import (
     first_host,
     max_over_ranks,
     per_rank_batch,
+    rank_device,
     reduce_sums,
     setup_distributed,
     shard_batches,
@@ -202,6 +203,17 @@ def test_off_and_single_process_need_no_process_group():
     assert reduce_sums({"a": 1}, ctx) == {"a": 1.0} and stop_together(True, ctx)
     model = nn.Linear(2, 2)
     assert wrap_model(model, ctx) is model and unwrap(model) is model
+
+
+def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert rank_device("auto", 3) == torch.device("cuda", 3)
+    assert rank_device("cpu", 3) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="one task per GPU"):
+        rank_device("cuda", 4)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert rank_device("cuda", 3) == torch.device("cuda", 0)
 
 
 def test_the_global_batch_must_split_evenly():

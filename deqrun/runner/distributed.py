@@ -134,13 +134,17 @@ def slurm_task_environment(nodes: int, tasks_per_node: int, node: int, local: in
 
 # ---- set-up and tear-down -------------------------------------------------------------------
 def rank_device(requested: str, local_rank: int) -> torch.device:
-    """The device of one rank: the GPU of its local rank, or the CPU."""
+    """The device of one rank: the GPU of its local rank (the only one when SLURM binds one GPU
+    per task), or the CPU."""
     if requested == "cpu" or requested.startswith("mps"):
         return torch.device(requested)
     if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"local rank {local_rank} but only {torch.cuda.device_count()} "
-                              "GPU(s) visible: one task per GPU (tasks_per_node = gpus_per_node)")
+        count = torch.cuda.device_count()
+        if count == 1:  # SLURM bound one GPU to this task (CUDA_VISIBLE_DEVICES)
+            return torch.device("cuda", 0)
+        if local_rank >= count:
+            raise ConfigError(f"local rank {local_rank} but only {count} GPU(s) visible: one "
+                              "task per GPU (tasks_per_node = gpus_per_node)")
         return torch.device("cuda", local_rank)
     if requested.startswith("cuda"):
         raise ConfigError(f"trainer.device={requested} but CUDA is not available on this rank")
