@@ -234,8 +234,43 @@ def test_shards_together_are_the_one_process_batches():
             [sorted(b) for b in whole]
 
 
-def test_world_of_one_uses_the_tasks_own_batches():
+def test_one_process_sees_the_tasks_own_batches_and_skips_without_loading():
     task = tiny_task()
+    task.train_set = TensorDataset(torch.arange(30))
     options = LoaderOptions(GLOBAL_BATCH, seed=SEED)
-    ours = [b[1].tolist() for b in shard_batches(task, 1, options, DistributedContext())]
-    assert ours == [b[1].tolist() for b in task.train_batches(1, options)]
+    own = [b[0].tolist() for b in task.train_batches(1, options)]
+    ours = shard_batches(task, 1, options, DistributedContext())
+    assert [b[0].tolist() for b in ours] == own
+    resumed = shard_batches(task, 1, options, DistributedContext(), skip=2)
+    assert len(resumed) == len(own) - 2 and [b[0].tolist() for b in resumed] == own[2:]
+    assert resumed.sampler.start == 2 * GLOBAL_BATCH  # skipped by index: nothing loaded
+    second = shard_batches(task, 1, options, DistributedContext(rank=1, world_size=2), skip=1)
+    full = shard_batches(task, 1, options, DistributedContext(rank=1, world_size=2))
+    assert [b[0].tolist() for b in second] == [b[0].tolist() for b in full][1:]
+
+
+class UnshardedStream(TinyTask):
+    """A task with its own batching (an override of train_batches) and no sharding."""
+
+    def train_batches(self, epoch, options):
+        return [(torch.full((2,), i),) for i in range(5)]
+
+
+class StreamTask(UnshardedStream):
+    """The same with its own sharding."""
+
+    def shard_batches(self, epoch, options, rank, world_size):
+        return [(torch.full((options.batch_size,), rank * 10 + i),) for i in range(3)]
+
+
+def test_tasks_with_their_own_batching_shard_themselves():
+    base = tiny_task()
+    task = StreamTask(base.train_set, base.test_set)
+    options = LoaderOptions(GLOBAL_BATCH, seed=SEED)
+    alone = shard_batches(task, 0, options, DistributedContext(), skip=3)
+    assert len(alone) == 2 and [int(b[0][0]) for b in alone] == [3, 4]
+    ranked = shard_batches(task, 0, options, DistributedContext(rank=1, world_size=2), skip=1)
+    assert len(ranked) == 2 and [b[0].tolist() for b in ranked] == [[11] * 4, [12] * 4]
+    with pytest.raises(ConfigError, match="trainer.distributed=off"):
+        shard_batches(UnshardedStream(base.train_set, base.test_set), 0, options,
+                      DistributedContext(rank=1, world_size=2))

@@ -18,6 +18,7 @@ Conventions the runner keeps under DDP:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 
 from deqrun.errors import ConfigError
 from deqrun.tasks.base import Batches, DatasetTask, LoaderOptions, Task
+from deqrun.tasks.base import skip as skip_batches
 
 log = logging.getLogger("deqrun")
 
@@ -260,6 +262,7 @@ class ShardSampler(Sampler[int]):
     def __init__(self, size: int, ctx: DistributedContext, seed: int) -> None:
         self.size, self.rank, self.world, self.seed, self.epoch = \
             size, ctx.rank, ctx.world_size, seed, 0
+        self.start = 0  # samples of this rank's share to leave out (mid-epoch resume)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose permutation to shard (call before iterating)."""
@@ -274,10 +277,10 @@ class ShardSampler(Sampler[int]):
     def __iter__(self):
         order = self.global_order()
         padded = order + order[: (-len(order)) % self.world]
-        return iter(padded[self.rank::self.world])
+        return iter(padded[self.rank::self.world][self.start:])
 
     def __len__(self) -> int:
-        return -(-self.size // self.world)
+        return max(-(-self.size // self.world) - self.start, 0)
 
 
 def per_rank_batch(batch_size: int, ctx: DistributedContext) -> int:
@@ -288,31 +291,53 @@ def per_rank_batch(batch_size: int, ctx: DistributedContext) -> int:
     return batch_size // ctx.world_size
 
 
-def shard_batches(task: Task, epoch: int, options: LoaderOptions,
-                  ctx: DistributedContext) -> Batches:
-    """This rank's training batches of `epoch` (options.batch_size is the global batch).
+def _own_order(task: Task) -> bool:
+    """Whether the task batches with DatasetTask's own shuffled loader (not an override)."""
+    return isinstance(task, DatasetTask) and \
+        type(task).train_batches is DatasetTask.train_batches
+
+
+def shard_batches(task: Task, epoch: int, options: LoaderOptions, ctx: DistributedContext,
+                  skip: int = 0) -> Batches:
+    """This rank's training batches of `epoch` after its first `skip` ones (options.batch_size
+    is the global batch).
 
     Dataset tasks use a ShardSampler (a DistributedSampler that draws DatasetTask's own
     permutation of (seed, epoch), set per epoch with set_epoch): every rank takes every N-th
     sample, so the N ranks' step-i batches together are exactly the 1-process global batch i,
-    and a resumed run sees the same order. Other tasks shard themselves through
-    `task.shard_batches(epoch, options, rank, world_size)` (streams, graphs, coordinates).
+    and a resumed run sees the same order; skipped batches (mid-epoch resume) are never loaded.
+    Other tasks shard themselves through `task.shard_batches(epoch, options, rank, world_size)`
+    (streams, graphs, coordinates); in one process they use task.train_batches.
     """
+    if _own_order(task):
+        local = dataclasses.replace(options, batch_size=per_rank_batch(options.batch_size, ctx))
+        sampler = ShardSampler(len(task.train_set), ctx, options.seed * SHUFFLE_SEED_STRIDE)
+        sampler.set_epoch(epoch)
+        sampler.start = skip * local.batch_size
+        return DataLoader(task.train_set, batch_size=local.batch_size, sampler=sampler,
+                          num_workers=local.num_workers, pin_memory=local.pin_memory,
+                          collate_fn=task.collate)
     if not ctx.distributed:
-        return task.train_batches(epoch, options)
-    local = LoaderOptions(per_rank_batch(options.batch_size, ctx), options.seed,
-                          options.num_workers, options.pin_memory)
+        return _skipped(task.train_batches(epoch, options), skip)
     own = getattr(task, "shard_batches", None)
-    if own is not None:
-        return own(epoch, local, ctx.rank, ctx.world_size)
-    if not isinstance(task, DatasetTask):
+    if own is None:
         raise ConfigError(f"task {task.name} has no shard_batches(epoch, options, rank, "
                           "world_size); run it with trainer.distributed=off")
-    sampler = ShardSampler(len(task.train_set), ctx, options.seed * SHUFFLE_SEED_STRIDE)
-    sampler.set_epoch(epoch)
-    return DataLoader(task.train_set, batch_size=local.batch_size, sampler=sampler,
-                      num_workers=local.num_workers, pin_memory=local.pin_memory,
-                      persistent_workers=local.num_workers > 0, collate_fn=task.collate)
+    local = dataclasses.replace(options, batch_size=per_rank_batch(options.batch_size, ctx))
+    return _skipped(own(epoch, local, ctx.rank, ctx.world_size), skip)
+
+
+class _skipped:
+    """A sized view of batches without the first `count` (loaded, then dropped)."""
+
+    def __init__(self, batches: Batches, count: int) -> None:
+        self.batches, self.count = batches, count
+
+    def __len__(self) -> int:
+        return max(len(self.batches) - self.count, 0)
+
+    def __iter__(self):
+        return skip_batches(self.batches, self.count)
 
 
 def shard_eval_batches(task: Task, split: str, options: LoaderOptions,
