@@ -27,6 +27,7 @@ WARMUP = 2
 
 
 def build(overrides: list[str]):
+    """The run config of the default experiment with `overrides`, on the CPU."""
     from hydra import compose, initialize_config_dir
 
     from deqrun.cli import config_dir
@@ -80,6 +81,7 @@ def worker(rank: int, world: int, threads: int, steps: int, port: int, overrides
 
 
 def free_port() -> int:
+    """A free local TCP port for the rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

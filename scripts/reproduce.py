@@ -52,6 +52,7 @@ class TableState:
 
     @property
     def status(self) -> str:
+        """finished, unfinished or not started."""
         if self.sweep is None:
             return "not started"
         finished = self.report is not None and self.completed >= max(self.expected, 1) \

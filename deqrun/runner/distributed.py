@@ -72,6 +72,7 @@ class DistributedContext:
 
     @property
     def distributed(self) -> bool:
+        """Whether several processes take part."""
         return self.world_size > 1
 
     def describe(self) -> dict[str, Any]:
