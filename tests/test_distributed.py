@@ -178,8 +178,10 @@ def test_discover_reads_torchrun_then_slurm_then_single():
                              MASTER_PORT="1234", SLURM_NTASKS="8", SLURM_PROCID="5"))
     assert (torchrun.source, torchrun.rank, torchrun.world_size, torchrun.master_port) == \
         ("torchrun", 2, 4, 1234)
-    slurm = discover(dict(SLURM_NTASKS="8", SLURM_PROCID="5", SLURM_LOCALID="1",
-                          SLURM_JOB_NODELIST="gpu[07-10]", SLURM_JOB_ID="99"))
+    task = dict(SLURM_NTASKS="8", SLURM_PROCID="5", SLURM_LOCALID="1",
+                SLURM_JOB_NODELIST="gpu[07-10]", SLURM_JOB_ID="99")
+    assert discover(task).source == "single"  # the batch script itself, not an srun task
+    slurm = discover(dict(task, SLURM_STEP_ID="0"))
     assert (slurm.source, slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_addr) == \
         ("slurm", 5, 8, 1, "gpu07")
     assert 20000 <= slurm.master_port < 60000

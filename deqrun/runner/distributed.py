@@ -108,6 +108,10 @@ def discover(env: Mapping[str, str] | None = None) -> LaunchInfo:
                           master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                           master_port=int(env.get("MASTER_PORT", "29500")), source="torchrun")
     if int(env.get("SLURM_NTASKS", "1")) > 1:
+        if "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
+            log.warning("SLURM_NTASKS > 1 but this is the batch script, not an srun task: "
+                        "running one process (start the tasks with srun or submitit)")
+            return LaunchInfo(0, 1, 0, "127.0.0.1", 0, "single")
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not nodelist:
             raise ConfigError("SLURM_NTASKS > 1 but neither SLURM_JOB_NODELIST nor "
@@ -132,7 +136,7 @@ def slurm_task_environment(nodes: int, tasks_per_node: int, node: int, local: in
                 SLURM_NNODES=str(nodes), SLURM_NODEID=str(node),
                 SLURM_PROCID=str(node * tasks_per_node + local), SLURM_LOCALID=str(local),
                 SLURM_JOB_NODELIST=",".join(hostnames), SLURM_NODELIST=",".join(hostnames),
-                SLURMD_NODENAME=hostnames[node])
+                SLURMD_NODENAME=hostnames[node], SLURM_STEP_ID="0")
 
 
 # ---- set-up and tear-down -------------------------------------------------------------------
