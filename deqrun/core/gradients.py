@@ -86,10 +86,12 @@ class Implicit:
         check_solver_options(self.b_solver, dict(self.b_solver_options))
         self._last_w: torch.Tensor | None = None
 
-    def solve_adjoint(self, vjp: FlatMap, grad: torch.Tensor) -> SolverResult:
-        """Solve w = vjp(w) + grad."""
+    def solve_adjoint(self, vjp: FlatMap, grad: torch.Tensor,
+                      w0: torch.Tensor | None = None) -> SolverResult:
+        """Solve w = vjp(w) + grad, from w0 when given (e.g. JIIO's adjoint estimate)."""
         warm = self._last_w is not None and self._last_w.shape == grad.shape
-        w0 = self._last_w if (self.b_warm_start and warm) else grad
+        if w0 is None:
+            w0 = self._last_w if (self.b_warm_start and warm) else grad
         result = SOLVERS[self.b_solver](
             lambda w: vjp(w) + grad, w0, max_iter=self.b_max_iter, tol=self.b_tol,
             stop_mode=self.b_stop_mode, **self.b_solver_options)

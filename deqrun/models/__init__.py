@@ -6,6 +6,7 @@ this package registers them all.
 
 from __future__ import annotations
 
+from . import generator as _generator  # noqa: F401  (registers mdeq_generator)
 from .base import DEQModel
 from .mdeq import MDEQ, MDEQ_SIZES, MDEQConfig, MDEQSpec, build_mdeq, resolve_mdeq_spec
 
