@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
 .PHONY: install run test test-all lint bench precision table-jiio shine-bilevel shine-inversion \
-        solver-suite clean
+        solver-suite reproduce clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,12 @@ else
 	$(VENV)/bin/deqrun table=$*_$(SCALE) hydra.sweep.dir=outputs/tables/$*-$(SCALE)/$(NOW) $(ARGS); status=$$?; \
 	$(VENV)/bin/deqrun-report outputs/tables/$*-$(SCALE)/$(NOW) && exit $$status
 endif
+
+# Every table at a scale, skipping finished ones, with an index page outputs/tables/index-<scale>.md:
+# make reproduce SCALE=smoke [ONLY=phantom,lm] [DRY=1] [ARGS="..."]
+reproduce: $(STAMP)
+	$(PY) scripts/reproduce.py --scale $(SCALE) $(if $(ONLY),--only $(ONLY)) \
+	  $(if $(filter 1,$(DRY)),--dry) --args "$(ARGS)"
 
 # SHINE (Ramzi et al. 2022): the bi-level study (offline data) and the inversion-quality study;
 # the classic root-finding suite of the solvers (ours, scipy, torchdeq when installed).

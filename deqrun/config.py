@@ -75,8 +75,8 @@ class LoggerConfig:
     log_every: int = 1
 
     def check(self) -> None:
-        _require(self.name in ("none", "jsonl", "csv", "wandb"),
-                 f"logger.name must be none, jsonl, csv or wandb, got {self.name!r}")
+        _require(self.name in ("none", "jsonl", "csv", "wandb", "tensorboard"),
+                 f"logger.name must be none, jsonl, csv, wandb or tensorboard, got {self.name!r}")
         _require(self.mode in ("auto", "offline", "online", "disabled"),
                  "logger.mode must be auto, offline, online or disabled")
         _require(self.log_every >= 1, "logger.log_every must be >= 1")

@@ -202,5 +202,14 @@ def build_logger(name: str, run_dir: Path, config: dict[str, Any], append: bool,
         "jsonl": lambda: JsonlLogger(run_dir, append, resume_at),
         "csv": lambda: CsvLogger(run_dir, append, resume_at),
         "wandb": lambda: WandbLogger(run_dir, config, **options),
+        "tensorboard": lambda: _tensorboard(run_dir, config, append, resume_at),
     }
     return builders[name]()
+
+
+def _tensorboard(run_dir: Path, config: dict[str, Any], append: bool,
+                 resume_at: tuple[int, int] | None) -> Logger:
+    from deqrun.tensorboard_logger import TensorboardLogger
+
+    return TensorboardLogger(run_dir, config, append=append,
+                             resume_step=resume_at[0] if resume_at else None)

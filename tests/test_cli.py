@@ -126,7 +126,8 @@ def test_resume_without_checkpoint_starts_fresh_but_a_missing_resume_from_is_an_
 
 
 @pytest.mark.parametrize("logger,files", [("csv", ["steps.csv", "epochs.csv"]),
-                                          ("wandb", ["wandb"]), ("none", [])])
+                                          ("wandb", ["wandb"]), ("tensorboard", ["tensorboard"]),
+                                          ("none", [])])
 def test_loggers_write_into_the_run_folder(tmp_path, logger, files):
     result = deqrun([*FAST, f"logger={logger}", "run_name=logged"], tmp_path)
     assert result.returncode == 0, result.stderr

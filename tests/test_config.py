@@ -41,7 +41,7 @@ def test_every_group_lists_exactly_its_registered_options():
     assert options("task") == sorted(registry.TASKS) == yaml_options("task")
     assert options("solver") == sorted(SOLVERS)
     assert options("grad") == sorted([*GRADIENTS, "jiio"])
-    assert options("logger") == ["csv", "jsonl", "none", "wandb"]
+    assert options("logger") == ["csv", "jsonl", "none", "tensorboard", "wandb"]
     for group in ("model", "task", "solver", "grad", "optim", "logger", "trainer"):
         assert not [o for o in options(group) if "schema" in o]
 
