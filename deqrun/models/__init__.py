@@ -9,6 +9,7 @@ from torch import nn
 
 from deqrun.core import DEQ
 
+from . import ignn  # noqa: F401  (registers model=ignn)
 from .mdeq import MDEQ, MDEQ_SIZES, MDEQSpec, build_mdeq, resolve_mdeq_spec
 
 ModelBuilder = Callable[..., nn.Module]

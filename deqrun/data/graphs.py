@@ -1,0 +1,163 @@
+"""Graph data: adjacency normalisation, Perron-Frobenius roots, and torch_geometric loaders.
+
+Every graph a graph task serves is prepared once, when the data set is loaded: its adjacency is
+normalised (edge_index, edge_weight hold A with self-loops added for "sym"/"rw"), and
+`lambda_pf` (shape (1,), so a mini-batch holds one value per graph) holds an upper bound of the
+Perron-Frobenius root of |A| (the IGNN well-posedness projection reads it; caching it here means
+it is computed once per graph, not once per forward).
+
+Read-only local copies (e.g. ../shared/data/TUDataset) are used through a scratch root whose
+`<name>/raw` links to the copy, so torch_geometric writes `processed/` into the scratch folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch_geometric.data import Data
+from torch_geometric.utils import add_remaining_self_loops, scatter, to_undirected
+
+from deqrun.errors import ConfigError, DataNotFoundError
+
+NORMALIZATIONS = ("sym", "rw", "none")
+DEFAULT_DATA_ROOT = Path("~/.cache/deqrun/data").expanduser()
+DEFAULT_SCRATCH = Path("~/.cache/deqrun/graph_scratch").expanduser()
+
+
+def normalize_adjacency(edge_index: torch.Tensor, num_nodes: int,
+                        edge_weight: torch.Tensor | None = None, mode: str = "sym",
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A -> D^-1/2 (A + I) D^-1/2 (sym), D^-1 (A + I) (rw, row-stochastic) or A (none).
+
+    Self-loops are added only where a node has none (weight 1); degrees are row sums.
+    """
+    if mode not in NORMALIZATIONS:
+        raise ConfigError(f"normalization must be one of {NORMALIZATIONS}, got {mode!r}")
+    if edge_weight is None:
+        edge_weight = torch.ones(edge_index.shape[1], dtype=torch.float32,
+                                 device=edge_index.device)
+    if mode == "none":
+        return edge_index, edge_weight
+    edge_index, edge_weight = add_remaining_self_loops(edge_index, edge_weight, 1.0, num_nodes)
+    row, col = edge_index
+    degree = scatter(edge_weight, row, 0, dim_size=num_nodes, reduce="sum")
+    inv = degree.pow(-0.5 if mode == "sym" else -1.0).masked_fill(degree == 0, 0.0)
+    if mode == "sym":
+        return edge_index, inv[row] * edge_weight * inv[col]
+    return edge_index, inv[row] * edge_weight
+
+
+def perron_root(edge_index: torch.Tensor, edge_weight: torch.Tensor, num_nodes: int,
+                batch: torch.Tensor | None = None, num_graphs: int = 1, *,
+                max_iter: int = 500, tol: float = 1e-4) -> torch.Tensor:
+    """Per-graph upper bound of the Perron-Frobenius root of |A|, within tol of it.
+
+    Power iteration on M = |A| + I (the shift makes bipartite graphs converge) from a positive
+    vector x; the Collatz-Wielandt ratios min_i (Mx)_i / x_i <= rho(M) <= max_i (Mx)_i / x_i bound
+    the root, so the returned max ratio - 1 is never below lambda_pf (the projection stays safe
+    even if the iteration is cut at max_iter). Stops when every graph's bounds are within tol.
+    """
+    if batch is None:
+        batch = torch.zeros(num_nodes, dtype=torch.long, device=edge_index.device)
+    weight = edge_weight.abs().to(torch.float64)
+    row, col = edge_index
+    x = torch.ones(num_nodes, dtype=torch.float64, device=edge_index.device)
+    upper = torch.full((num_graphs,), float("inf"), dtype=torch.float64, device=x.device)
+    for _ in range(max_iter):
+        mx = x + scatter(weight * x[col], row, 0, dim_size=num_nodes, reduce="sum")
+        ratio = mx / x
+        upper = torch.minimum(upper, scatter(ratio, batch, 0, dim_size=num_graphs, reduce="max"))
+        lower = scatter(ratio, batch, 0, dim_size=num_graphs, reduce="min")
+        if bool(((upper - lower) <= tol * upper).all()):
+            break
+        norms = scatter(mx * mx, batch, 0, dim_size=num_graphs, reduce="sum").sqrt()
+        x = (mx / norms[batch]).clamp_min(1e-300)
+    return (upper - 1.0).clamp_min(0.0).to(torch.float32)
+
+
+def prepare_graph(data: Data, normalization: str = "sym") -> Data:
+    """A copy of `data` with the normalised adjacency and its lambda_pf attached."""
+    data = data.clone()
+    weight = getattr(data, "edge_weight", None)
+    data.edge_index, data.edge_weight = normalize_adjacency(
+        data.edge_index, data.num_nodes, weight, normalization)
+    data.lambda_pf = perron_root(data.edge_index, data.edge_weight, data.num_nodes)
+    return data
+
+
+def prepare_graphs(graphs: list[Data], normalization: str = "sym") -> list[Data]:
+    """prepare_graph for many graphs, with one batched power iteration over all of them."""
+    from torch_geometric.data import Batch
+
+    prepared = []
+    for data in graphs:
+        data = data.clone()
+        data.edge_index, data.edge_weight = normalize_adjacency(
+            data.edge_index, data.num_nodes, getattr(data, "edge_weight", None), normalization)
+        prepared.append(data)
+    if not prepared:
+        return prepared
+    union = Batch.from_data_list(prepared)
+    roots = perron_root(union.edge_index, union.edge_weight, union.num_nodes, union.batch,
+                        union.num_graphs)
+    for data, root in zip(prepared, roots):
+        data.lambda_pf = root.reshape(1)
+    return prepared
+
+
+def undirected(data: Data) -> Data:
+    """The graph with every edge in both directions."""
+    data = data.clone()
+    data.edge_index = to_undirected(data.edge_index, num_nodes=data.num_nodes)
+    return data
+
+
+# ---- local copies and scratch roots ----------------------------------------------------------
+def scratch_root(root: Path, name: str, scratch: Path | None = None) -> Path:
+    """A root torch_geometric may write into for data set `name` found under root/name/raw.
+
+    If root/name is writable it is used as is; otherwise a scratch folder (keyed by the absolute
+    root) gets name/raw as a symlink to the read-only copy, and processed/ lands beside it.
+    """
+    source = root / name
+    if os.access(source, os.W_OK):
+        return root
+    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:10]
+    target = (scratch or DEFAULT_SCRATCH) / f"{root.name}-{key}"
+    link = target / name / "raw"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to((source / "raw").resolve(), target_is_directory=True)
+    return target
+
+
+def has_raw(root: Path, name: str, files: tuple[str, ...]) -> bool:
+    """Whether root/name/raw holds every file in `files` (names relative to raw/)."""
+    raw = root / name / "raw"
+    return all((raw / f).is_file() for f in files)
+
+
+def open_dataset(make: Callable[[Path], Any], root: Path, name: str, files: tuple[str, ...],
+                 download: bool, hint: str, scratch: Path | None = None) -> Any:
+    """Build a torch_geometric data set from root (via a scratch root if read-only).
+
+    Missing raw files and download=false, or a failed download, raise DataNotFoundError(hint).
+    """
+    root = Path(root).expanduser()
+    if has_raw(root, name, files):
+        return make(scratch_root(root, name, scratch))
+    if not download:
+        raise DataNotFoundError(f"{name} not found under {root / name / 'raw'}: {hint}")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return make(root)
+    except (OSError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataNotFoundError(f"{name}: download failed ({reason}); {hint}") from None
