@@ -161,3 +161,102 @@ def open_dataset(make: Callable[[Path], Any], root: Path, name: str, files: tupl
     except (OSError, RuntimeError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataNotFoundError(f"{name}: download failed ({reason}); {hint}") from None
+
+
+# ---- data sets -------------------------------------------------------------------------------
+def _with_degree_features(graphs: list[Data]) -> list[Data]:
+    """Graphs without node features get their degree as the one feature (as the reference)."""
+    out = []
+    for data in graphs:
+        if data.x is None:
+            data = data.clone()
+            ones = torch.ones(data.edge_index.shape[1])
+            data.x = scatter(ones, data.edge_index[1], 0, dim_size=data.num_nodes,
+                             reduce="sum").unsqueeze(1)
+        out.append(data)
+    return out
+
+
+def load_tu(root: str | Path | None, name: str, *, download: bool = True,
+            use_node_attr: bool = False, normalization: str = "sym") -> list[Data]:
+    """A TUDataset (root/name/raw/name_*.txt) as a list of prepared graphs."""
+    from torch_geometric.datasets import TUDataset
+
+    root = Path(root).expanduser() if root else DEFAULT_DATA_ROOT / "TUDataset"
+    files = tuple(f"{name}_{part}.txt" for part in ("A", "graph_indicator", "graph_labels"))
+    hint = (f"pass task.root=<folder holding {name}/raw/{name}_A.txt ...> "
+            f"(e.g. ../shared/data/TUDataset) or allow task.download=true with network")
+    dataset = open_dataset(lambda r: TUDataset(str(r), name, use_node_attr=use_node_attr),
+                           root, name, files, download, hint)
+    return prepare_graphs(_with_degree_features(list(dataset)), normalization)
+
+
+def load_planetoid(root: str | Path | None, name: str, *, download: bool = True,
+                   normalization: str = "sym") -> Data:
+    """Cora / CiteSeer / PubMed with the public split, row-normalised features, prepared."""
+    from torch_geometric.datasets import Planetoid
+    from torch_geometric.transforms import NormalizeFeatures
+
+    root = Path(root).expanduser() if root else DEFAULT_DATA_ROOT / "Planetoid"
+    parts = ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")
+    files = tuple(f"ind.{name.lower()}.{part}" for part in parts)
+    hint = (f"pass task.root=<folder holding {name}/raw/ind.{name.lower()}.*> "
+            f"(e.g. ../shared/data/Planetoid) or allow task.download=true with network")
+    dataset = open_dataset(lambda r: Planetoid(str(r), name, split="public",
+                                               transform=NormalizeFeatures()),
+                           root, name, files, download, hint)
+    return prepare_graph(dataset[0], normalization)
+
+
+PPI_SPLITS = {"train": "train", "val": "valid", "test": "test"}
+
+
+def load_ppi(root: str | Path | None, *, download: bool = True,
+             normalization: str = "sym") -> dict[str, list[Data]]:
+    """PPI (root/raw/{train,valid,test}_{graph.json,feats.npy,graph_id.npy,labels.npy})."""
+    from torch_geometric.datasets import PPI
+
+    root = Path(root).expanduser() if root else DEFAULT_DATA_ROOT / "PPI"
+    files = tuple(f"{split}_{part}" for split in PPI_SPLITS.values()
+                  for part in ("graph.json", "feats.npy", "graph_id.npy", "labels.npy"))
+    hint = ("pass task.root=<folder holding raw/train_graph.json ...> or allow "
+            "task.download=true with network")
+    out = {}
+    for split in PPI_SPLITS:
+        dataset = open_dataset(lambda r, s=split: PPI(str(r / root.name), split=s),
+                               root.parent, root.name, files, download, hint)
+        out[split] = prepare_graphs(list(dataset), normalization)
+    return out
+
+
+def make_chains(length: int = 10, *, chains_per_class: int = 20, num_classes: int = 2,
+                features: int = 100, train: int = 20, val: int = 100, test: int = 200,
+                undirected: bool = False, seed: int = 42, normalization: str = "sym") -> Data:
+    """The IGNN paper's synthetic chains: only a chain's first node carries its class.
+
+    num_classes x chains_per_class chains of `length` nodes, edges i -> i+1 (both ways if
+    undirected); node features are zero except the one-hot class in the first node's first
+    num_classes entries; every node is labelled with its chain's class. train/val/test are
+    disjoint random node sets of the given sizes (capped by the number of nodes).
+    """
+    n_chains = num_classes * chains_per_class
+    n = n_chains * length
+    starts = torch.arange(n_chains) * length
+    src = (starts.unsqueeze(1) + torch.arange(length - 1)).reshape(-1)
+    edge_index = torch.stack([src, src + 1])
+    if undirected:
+        edge_index = to_undirected(edge_index, num_nodes=n)
+    labels = torch.arange(num_classes).repeat_interleave(chains_per_class)
+    x = torch.zeros(n, features)
+    x[starts, labels] = 1.0
+    y = labels.repeat_interleave(length)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    masks = {}
+    start = 0
+    for split, size in (("train", train), ("val", val), ("test", test)):
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[order[start:start + size]] = True
+        masks[split], start = mask, start + size
+    data = Data(x=x, edge_index=edge_index, y=y, train_mask=masks["train"],
+                val_mask=masks["val"], test_mask=masks["test"])
+    return prepare_graph(data, normalization)

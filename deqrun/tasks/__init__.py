@@ -3,3 +3,4 @@
 from deqrun.tasks.classification import ClassificationTask, build_classification_task
 
 __all__ = ["ClassificationTask", "build_classification_task"]
+from deqrun.tasks import graph  # noqa: E402, F401  (registers tu, planetoid, chains, ppi)
