@@ -12,9 +12,10 @@ Read-only local copies (e.g. ../shared/data/TUDataset) are used through a scratc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,12 @@ from deqrun.errors import ConfigError, DataNotFoundError
 
 NORMALIZATIONS = ("sym", "rw", "none")
 DEFAULT_DATA_ROOT = Path("~/.cache/deqrun/data").expanduser()
-DEFAULT_SCRATCH = Path("~/.cache/deqrun/graph_scratch").expanduser()
+SCRATCH_ENV = "DEQRUN_GRAPH_SCRATCH"
+
+
+def default_scratch() -> Path:
+    """Where processed copies of read-only data sets go: $DEQRUN_GRAPH_SCRATCH or ~/.cache."""
+    return Path(os.environ.get(SCRATCH_ENV, "~/.cache/deqrun/graph_scratch")).expanduser()
 
 
 def normalize_adjacency(edge_index: torch.Tensor, num_nodes: int,
@@ -118,17 +124,23 @@ def undirected(data: Data) -> Data:
 
 
 # ---- local copies and scratch roots ----------------------------------------------------------
+def _writable(path: Path) -> bool:
+    """Writable by this process and by its permission bits (root ignores the bits, so a
+    read-only copy would otherwise be written into when running as root)."""
+    return os.access(path, os.W_OK) and bool(path.stat().st_mode & 0o222)
+
+
 def scratch_root(root: Path, name: str, scratch: Path | None = None) -> Path:
     """A root torch_geometric may write into for data set `name` found under root/name/raw.
 
-    If root/name is writable it is used as is; otherwise a scratch folder (keyed by the absolute
-    root) gets name/raw as a symlink to the read-only copy, and processed/ lands beside it.
+    If root/name is writable (see _writable) it is used as is; otherwise a scratch folder (keyed
+    by the absolute root) gets name/raw as a symlink to the read-only copy; processed/ goes there.
     """
     source = root / name
-    if os.access(source, os.W_OK):
+    if _writable(source):
         return root
     key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:10]
-    target = (scratch or DEFAULT_SCRATCH) / f"{root.name}-{key}"
+    target = (scratch or default_scratch()) / f"{root.name}-{key}"
     link = target / name / "raw"
     link.parent.mkdir(parents=True, exist_ok=True)
     if not link.exists():
@@ -136,6 +148,22 @@ def scratch_root(root: Path, name: str, scratch: Path | None = None) -> Path:
             link.unlink()
         link.symlink_to((source / "raw").resolve(), target_is_directory=True)
     return target
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive file lock, so parallel jobs do not process the same data set at once."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def has_raw(root: Path, name: str, files: tuple[str, ...]) -> bool:
@@ -152,12 +180,15 @@ def open_dataset(make: Callable[[Path], Any], root: Path, name: str, files: tupl
     """
     root = Path(root).expanduser()
     if has_raw(root, name, files):
-        return make(scratch_root(root, name, scratch))
+        target = scratch_root(root, name, scratch)
+        with _locked(target / f".{name}.lock"):
+            return make(target)
     if not download:
         raise DataNotFoundError(f"{name} not found under {root / name / 'raw'}: {hint}")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        return make(root)
+        with _locked(root / f".{name}.lock"):
+            return make(root)
     except (OSError, RuntimeError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataNotFoundError(f"{name}: download failed ({reason}); {hint}") from None
