@@ -60,6 +60,7 @@ class IGNNSpec:
     normalize_output: bool = False
     head_bias: bool = True
     direct_injection: bool = True
+    bias: bool = True
 
 
 IGNN_SIZES: dict[str, IGNNSpec] = {
@@ -75,9 +76,12 @@ IGNN_SIZES: dict[str, IGNNSpec] = {
     # Citation graphs (Cora, CiteSeer, PubMed): one implicit layer, dropout, linear head.
     "citation": IGNNSpec(layers=(128,), kappa=0.9, head="linear", dropout=0.5,
                          input_dropout=0.5),
-    # The synthetic chains, as the reference: one layer of 16, row-normalised, dropout, linear.
+    # The synthetic chains, as the reference: one layer of 16 injecting only Omega U A (no bias,
+    # no direct term: nodes without features must start from zero so the far-travelled class
+    # signal is not swamped), row-normalised, dropout, linear.
     "chains": IGNNSpec(layers=(16,), kappa=0.9, head="linear", dropout=0.5,
-                       normalize_output=True, head_bias=False),
+                       normalize_output=True, head_bias=False, direct_injection=False,
+                       bias=False),
 }
 
 
@@ -97,6 +101,7 @@ class IGNNConfig:
     normalize_output: Optional[bool] = None
     head_bias: Optional[bool] = None
     direct_injection: Optional[bool] = None
+    bias: Optional[bool] = None
 
     def check(self) -> None:
         if self.size not in IGNN_SIZES:
@@ -151,14 +156,14 @@ class ImplicitGraphLayer(nn.Module):
     """One IGNN layer: Z = relu(P Z W^T + P U Omega^T + U Omega_d^T + b) for node rows U."""
 
     def __init__(self, in_features: int, width: int, kappa: float,
-                 direct_injection: bool = True) -> None:
+                 direct_injection: bool = True, bias: bool = True) -> None:
         super().__init__()
         self.kappa = kappa
         self.weight = nn.Parameter(torch.empty(width, width))
         self.omega = nn.Parameter(torch.empty(width, in_features))
         self.omega_direct = nn.Parameter(torch.empty(width, in_features)) if direct_injection \
             else None
-        self.bias = nn.Parameter(torch.empty(width))
+        self.bias = nn.Parameter(torch.empty(width)) if bias else None
         bound = 1.0 / math.sqrt(width)
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
@@ -175,7 +180,9 @@ class ImplicitGraphLayer(nn.Module):
 
     def injection(self, u: torch.Tensor, prop: torch.Tensor) -> torch.Tensor:
         """B = P U Omega^T (+ U Omega_d^T) + b, (nodes, width)."""
-        b = torch.sparse.mm(prop, u @ self.omega.T) + self.bias
+        b = torch.sparse.mm(prop, u @ self.omega.T)
+        if self.bias is not None:
+            b = b + self.bias
         if self.omega_direct is not None:
             b = b + u @ self.omega_direct.T
         return b
@@ -290,7 +297,7 @@ class IGNN(DEQModel):
         widths = list(spec.layers) + ([out_features] if self.head_kind == "none" else [])
         ins = [in_features] + widths[:-1]
         self.layers = nn.ModuleList(
-            ImplicitGraphLayer(i, w, spec.kappa, spec.direct_injection)
+            ImplicitGraphLayer(i, w, spec.kappa, spec.direct_injection, spec.bias)
             for i, w in zip(ins, widths))
         self.skips = nn.ModuleList(nn.Linear(i, w) for i, w in zip(ins, widths)) \
             if spec.skip else None
