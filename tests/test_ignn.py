@@ -311,3 +311,18 @@ def test_config_check_rejects_bad_values():
         IGNNConfig(size="huge").check()
     with pytest.raises(ValueError, match="head"):
         IGNNConfig(head="max").check()
+
+
+def test_auto_size_follows_the_task():
+    from deqrun.models.ignn import build_ignn
+    from deqrun.tasks.base import ModelSpec
+
+    deq = DEQ(solver="fixed_point", grad="implicit")
+    cases = [(ModelSpec("graph_classification", (3,), 2), 3),
+             (ModelSpec("node_classification", (5,), 4, {"multilabel": True}), 5),
+             (ModelSpec("node_classification", (5,), 2, {"synthetic_chains": True}), 1),
+             (ModelSpec("node_classification", (5,), 7), 1)]
+    for spec, n_layers in cases:
+        assert len(build_ignn(IGNNConfig(), deq, spec).layers) == n_layers
+    with pytest.raises(Exception, match="graph tasks"):
+        build_ignn(IGNNConfig(), deq, ModelSpec("image_classification", (3, 8, 8), 10))

@@ -87,10 +87,14 @@ IGNN_SIZES: dict[str, IGNNSpec] = {
 
 @dataclass
 class IGNNConfig:
-    """model=ignn options; unset (null) fields take the value of the `size` preset."""
+    """model=ignn options; unset (null) fields take the value of the `size` preset.
+
+    size=auto picks the preset from the task: tu for graph classification, ppi for multi-label
+    node classification, chains for the synthetic chains, citation for other node tasks.
+    """
 
     name: str = "ignn"
-    size: str = "tu"
+    size: str = "auto"
     layers: Optional[List[int]] = None
     kappa: Optional[float] = None
     head: Optional[str] = None
@@ -104,18 +108,28 @@ class IGNNConfig:
     bias: Optional[bool] = None
 
     def check(self) -> None:
-        if self.size not in IGNN_SIZES:
-            raise ValueError(f"model.size must be one of {sorted(IGNN_SIZES)}, got {self.size!r}")
-        check_ignn_spec(self.resolve())
+        if self.size != "auto" and self.size not in IGNN_SIZES:
+            raise ValueError(f"model.size must be auto or one of {sorted(IGNN_SIZES)}, "
+                             f"got {self.size!r}")
+        check_ignn_spec(self.resolve("tu" if self.size == "auto" else None))
 
-    def resolve(self) -> IGNNSpec:
-        """The preset with every non-null field of this config applied."""
-        spec = IGNN_SIZES[self.size]
+    def resolve(self, preset: Optional[str] = None) -> IGNNSpec:
+        """The preset (`size`, or `preset` when size=auto) with every non-null field applied."""
+        spec = IGNN_SIZES[preset if self.size == "auto" and preset else self.size]
         changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(IGNNSpec)
                    if getattr(self, f.name, None) is not None}
         if "layers" in changes:
             changes["layers"] = tuple(int(w) for w in changes["layers"])
         return dataclasses.replace(spec, **changes)
+
+
+def preset_for(spec: Any) -> str:
+    """The size=auto preset for a task's ModelSpec."""
+    if spec.kind == "graph_classification":
+        return "tu"
+    if spec.get("multilabel"):
+        return "ppi"
+    return "chains" if spec.get("synthetic_chains") else "citation"
 
 
 def check_ignn_spec(spec: IGNNSpec) -> None:
@@ -348,5 +362,5 @@ def build_ignn(options: IGNNConfig, deq: DEQ, spec: Any) -> IGNN:
         raise ConfigError(f"model=ignn serves graph tasks (graph_classification, "
                           f"node_classification), not {spec.kind!r}")
     in_features = int(spec.get("num_features", spec.in_shape[-1] if spec.in_shape else 0))
-    return IGNN(options.resolve(), deq, in_features, spec.out_features,
+    return IGNN(options.resolve(preset_for(spec)), deq, in_features, spec.out_features,
                 graph_level=spec.kind == "graph_classification")

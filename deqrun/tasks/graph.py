@@ -214,9 +214,9 @@ class NodeTask(ClassificationMixin, GraphTask):
 
     eval_splits = ("val", "test")
 
-    def __init__(self, name: str, data: Data) -> None:
+    def __init__(self, name: str, data: Data, extra: Optional[dict] = None) -> None:
         super().__init__()
-        self.name, self.data = name, data
+        self.name, self.data, self.extra = name, data, dict(extra or {})
         self.graph = Batch.from_data_list([data])
         self.num_features = int(data.x.shape[1])
         self.num_classes = int(data.y.max()) + 1
@@ -226,7 +226,7 @@ class NodeTask(ClassificationMixin, GraphTask):
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec("node_classification", (self.num_features,), self.num_classes,
-                         {"num_features": self.num_features})
+                         {"num_features": self.num_features, **self.extra})
 
     def _split(self, split: str) -> list[GraphBatch]:
         return [GraphBatch(self.graph, getattr(self.data, f"{split}_mask"))]
@@ -301,7 +301,7 @@ def build_chains(options: ChainsConfig) -> NodeTask:
                        train=options.train, val=options.val, test=options.test,
                        undirected=options.undirected, seed=options.seed,
                        normalization=options.normalization)
-    return NodeTask(f"chains-{options.length}", data)
+    return NodeTask(f"chains-{options.length}", data, {"synthetic_chains": True})
 
 
 # ---- PPI: multi-label node classification over many graphs -------------------------------------
