@@ -222,7 +222,7 @@ class Padding:
 
     def dense(self, nodes: torch.Tensor) -> torch.Tensor:
         out = nodes.new_zeros(self.num_graphs * self.max_nodes, nodes.shape[1])
-        out = out.index_copy(0, self.index, nodes)
+        out.index_copy_(0, self.index, nodes)
         return out.view(self.num_graphs, self.max_nodes, nodes.shape[1])
 
     def nodes(self, dense: torch.Tensor) -> torch.Tensor:

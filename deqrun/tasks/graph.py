@@ -127,8 +127,11 @@ class TUConfig:
     use_node_attr: bool = False
     normalization: str = "sym"
     sort_eval_by_size: bool = True
+    size_buckets: int = 0
 
     def check(self) -> None:
+        if self.size_buckets < 0:
+            raise ValueError(f"task.size_buckets must be >= 0, got {self.size_buckets}")
         if self.folds < 3:
             raise ValueError(f"task.folds must be >= 3, got {self.folds}")
         if not 0 <= self.fold < self.folds:
@@ -183,10 +186,19 @@ class TUTask(ClassificationMixin, GraphTask):
                          {"num_features": self.num_features})
 
     def train_batches(self, epoch: int, options: LoaderOptions) -> list[GraphBatch]:
+        """Shuffled batches; with size_buckets=k, each run of k batches' worth of shuffled graphs
+        is sorted by size before it is cut (less padding), and the batch order is shuffled."""
         generator = torch.Generator().manual_seed(options.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.splits["train"]), generator=generator).tolist()
-        graphs = [self.splits["train"][i] for i in order]
-        return _batches(graphs, options.batch_size)
+        train = self.splits["train"]
+        order = torch.randperm(len(train), generator=generator).tolist()
+        k, size = self.options.size_buckets, options.batch_size
+        if k:
+            chunks = [order[i:i + k * size] for i in range(0, len(order), k * size)]
+            order = [i for chunk in chunks for i in sorted(chunk, key=lambda j: train[j].num_nodes)]
+        batches = _batches([train[i] for i in order], size)
+        if k:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+        return batches
 
     def eval_batches(self, split: str, options: LoaderOptions) -> list[GraphBatch]:
         if split not in self.eval_splits:
