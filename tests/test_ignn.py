@@ -326,3 +326,14 @@ def test_auto_size_follows_the_task():
         assert len(build_ignn(IGNNConfig(), deq, spec).layers) == n_layers
     with pytest.raises(Exception, match="graph tasks"):
         build_ignn(IGNNConfig(), deq, ModelSpec("image_classification", (3, 8, 8), 10))
+
+
+def test_saved_tensor_meter_counts_sparse_operands():
+    """The runner's meter sees the CSR propagation matrix saved by sparse.mm (no storage)."""
+    from deqrun.measure import SavedTensorMeter
+
+    g = graph_input(make_batch((4, 6)))
+    x = torch.randn(g.x.shape[0], 3, dtype=torch.float64, requires_grad=True)
+    with SavedTensorMeter() as meter:
+        torch.sparse.mm(g.prop, x * 2).sum()
+    assert meter.bytes >= g.prop.values().numel() * 8

@@ -222,13 +222,19 @@ def build_tu(options: TUConfig) -> TUTask:
 
 # ---- node classification on one graph ----------------------------------------------------------
 class NodeTask(ClassificationMixin, GraphTask):
-    """Node classification on one graph with train/val/test node masks (one batch per epoch)."""
+    """Node classification on one graph with train/val/test node masks.
+
+    Training is full-batch: an epoch is `steps_per_epoch` steps on the whole graph (the batch size
+    does not apply), so a few epochs are enough with the runner's defaults.
+    """
 
     eval_splits = ("val", "test")
 
-    def __init__(self, name: str, data: Data, extra: Optional[dict] = None) -> None:
+    def __init__(self, name: str, data: Data, extra: Optional[dict] = None,
+                 steps_per_epoch: int = 1) -> None:
         super().__init__()
         self.name, self.data, self.extra = name, data, dict(extra or {})
+        self.steps_per_epoch = steps_per_epoch
         self.graph = Batch.from_data_list([data])
         self.num_features = int(data.x.shape[1])
         self.num_classes = int(data.y.max()) + 1
@@ -244,7 +250,7 @@ class NodeTask(ClassificationMixin, GraphTask):
         return [GraphBatch(self.graph, getattr(self.data, f"{split}_mask"))]
 
     def train_batches(self, epoch: int, options: LoaderOptions) -> list[GraphBatch]:
-        return self._split("train")
+        return self._split("train") * self.steps_per_epoch
 
     def eval_batches(self, split: str, options: LoaderOptions) -> list[GraphBatch]:
         if split not in self.eval_splits:
@@ -261,8 +267,11 @@ class PlanetoidConfig:
     root: Optional[str] = None
     download: bool = True
     normalization: str = "sym"
+    steps_per_epoch: int = 20
 
     def check(self) -> None:
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"task.steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         if self.dataset not in ("Cora", "CiteSeer", "PubMed"):
             raise ValueError(f"task.dataset must be Cora, CiteSeer or PubMed, got {self.dataset!r}")
         _check_normalization(self.normalization)
@@ -274,7 +283,7 @@ def build_planetoid(options: PlanetoidConfig) -> NodeTask:
     options.check()
     data = load_planetoid(options.root, options.dataset, download=options.download,
                           normalization=options.normalization)
-    return NodeTask(f"planetoid-{options.dataset}", data)
+    return NodeTask(f"planetoid-{options.dataset}", data, steps_per_epoch=options.steps_per_epoch)
 
 
 @dataclass
@@ -292,8 +301,11 @@ class ChainsConfig:
     undirected: bool = False
     seed: int = 42
     normalization: str = "sym"
+    steps_per_epoch: int = 20
 
     def check(self) -> None:
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"task.steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         if self.length < 2 or self.chains_per_class < 1 or self.num_classes < 2:
             raise ValueError("task.length >= 2, task.chains_per_class >= 1, num_classes >= 2")
         if self.features < self.num_classes:
@@ -313,7 +325,8 @@ def build_chains(options: ChainsConfig) -> NodeTask:
                        train=options.train, val=options.val, test=options.test,
                        undirected=options.undirected, seed=options.seed,
                        normalization=options.normalization)
-    return NodeTask(f"chains-{options.length}", data, {"synthetic_chains": True})
+    return NodeTask(f"chains-{options.length}", data, {"synthetic_chains": True},
+                    steps_per_epoch=options.steps_per_epoch)
 
 
 # ---- PPI: multi-label node classification over many graphs -------------------------------------
