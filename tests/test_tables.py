@@ -42,9 +42,10 @@ def table_jobs(table: str) -> list[tuple]:
 
 
 def test_the_phantom_rows_and_tables_exist():
-    assert EXPERIMENTS == ["phantom/implicit", "phantom/jacobian_free", "phantom/npg",
-                           "phantom/shine", "phantom/upg"]
-    assert TABLES == ["phantom_paper", "phantom_smoke"]
+    phantom = [e for e in EXPERIMENTS if e.startswith("phantom/")]
+    assert phantom == ["phantom/implicit", "phantom/jacobian_free", "phantom/npg",
+                       "phantom/shine", "phantom/upg"]
+    assert {"phantom_paper", "phantom_smoke"} <= set(TABLES)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -52,10 +53,10 @@ def test_every_experiment_composes_and_resolves_with_a_row(experiment):
     run, resolved = resolve(composed(f"experiment={experiment}"))
     assert resolved["row"]["id"] == experiment.split("/")[-1]
     assert resolved["row"]["label"]
-    assert run.grad.name == resolved["row"]["id"]
+    assert resolved["row"]["id"].startswith(run.grad.name)
 
 
-@pytest.mark.parametrize("table", TABLES)
+@pytest.mark.parametrize("table", [t for t in TABLES if t.startswith("phantom_")])
 def test_tables_are_multiruns_of_rows_and_seeds_matching_their_report_metadata(table):
     cfg = composed(f"table={table}", hydra=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
@@ -117,3 +118,26 @@ def test_without_experiment_or_table_nothing_changes():
     cfg = composed()
     assert cfg.row is None and cfg.report is None
     assert cfg.grad.name == "upg" and cfg.optim.name == "adam"
+
+
+@pytest.mark.parametrize("table", ["ignn_smoke", "ignn_paper"])
+def test_ignn_tables_sweep_folds_datasets_and_rows(table):
+    cfg = composed(f"table={table}", hydra=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == (
+        "${task.dataset}-${row.id}-fold${task.fold}")
+    rows = [e.split("/")[-1] for e in sweep_values(table, "experiment")]
+    assert rows == list(cfg.report.rows) == ["implicit", "upg", "upg_lambda1"]
+    assert sweep_values(table, "task.fold") == [str(f) for f in range(10)]
+    assert sweep_values(table, "task.dataset") == ["COX2", "PROTEINS"]
+    configs = composed_many([[f"table={table}", f"experiment=ignn/{row}", "task.fold=3"]
+                             for row in rows])
+    grads = []
+    for cfg in configs:
+        run, _ = resolve(cfg)
+        assert (run.model.name, run.task.name, run.task.fold) == ("ignn", "tu", 3)
+        assert (run.solver.name, run.solver.f_max_iter, run.solver.f_tol) == (
+            "fixed_point", 300, 3e-6)
+        assert (run.optim.lr, run.trainer.batch_size) == (1e-3, 128)
+        grads.append((run.grad.name, getattr(run.grad, "lambda_", None)))
+    assert grads == [("implicit", None), ("upg", 0.5), ("upg", 1.0)]
