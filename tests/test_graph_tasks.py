@@ -79,7 +79,9 @@ def test_tu_on_the_shared_cox2(shared_data, scratch):
 
 def test_planetoid_on_the_shared_cora(shared_data):
     task = build_planetoid(PlanetoidConfig(dataset="Cora", root=str(shared_data / "Planetoid")))
-    (batch,) = task.train_batches(0, LoaderOptions(batch_size=1))
+    batches = task.train_batches(0, LoaderOptions(batch_size=1))
+    assert len(batches) == 20  # task.steps_per_epoch full-batch steps
+    batch = batches[0]
     assert int(batch.mask.sum()) == 140 and batch.graph.num_nodes == 2708
     assert [int(task.eval_batches(s, LoaderOptions(1))[0].mask.sum()) for s in ("val", "test")] \
         == [500, 1000]
