@@ -145,3 +145,20 @@ def test_chains_put_the_label_only_at_the_head():
     assert task.count(task.train_batches(0, LoaderOptions(1))[0])["samples"] == 10
     with pytest.raises(ValueError, match="node count"):
         ChainsConfig(length=2, chains_per_class=2).check()
+
+
+@pytest.mark.slow
+def test_cli_trains_ignn_on_chains_and_reports_both_selections(tmp_path):
+    from test_cli import deqrun, metrics
+
+    result = deqrun(["model=ignn", "task=chains", "task.steps_per_epoch=3", "trainer.epochs=2",
+                     "trainer.threads=1", "solver=fixed_point", "solver.f_max_iter=40",
+                     "grad=implicit", "run_name=chains"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    content = metrics(tmp_path / "outputs" / "runs" / "chains")
+    assert content["status"] == "completed" and content["parameters"] == 16 * 16 + 16 * 100 + 16 * 2
+    final = content["final"]
+    for key in ("test_accuracy_val_selected", "test_accuracy_max_over_epochs", "val_accuracy",
+                "forward_nstep", "saved_bytes"):
+        assert key in final, key
+    assert len(content["history"]) == 2
