@@ -38,7 +38,7 @@ bench: $(STAMP)
 # cosine with the exact gradient every 5 steps, then the synthetic + checkpoint + dynamic study.
 precision: $(STAMP)
 	$(VENV)/bin/deqrun run_name=precision-mdeq trainer.precision_every=5 trainer.jac_reg_weight=1.0 $(ARGS)
-	$(PY) -m deqrun.precision --run outputs/runs/precision-mdeq --out outputs/precision
+	$(PY) -m deqrun.studies.precision --run outputs/runs/precision-mdeq --out outputs/precision
 
 # Paper tables: make table-phantom SCALE=smoke (CPU, < 30 min) | SCALE=paper (GPU cluster; add
 # e.g. ARGS="launcher=slurm hydra.launcher.partition=gpu"). DRY=1 prints the sweep and every job's

@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from deqrun.config import RunConfig
 from deqrun.errors import Interrupted
-from deqrun.gradcheck import cosine, exact_method, parameter_gradients, rng_state
 from deqrun.loggers import Logger, build_logger
 from deqrun.measure import SavedTensorMeter, Timer, peak_memory_bytes, reset_peak_memory
 from deqrun.models.base import DEQModel
@@ -43,6 +42,7 @@ from deqrun.runner.build import (
 from deqrun.runner.checkpoint import load_checkpoint, save_checkpoint
 from deqrun.runner.progress import Progress, add
 from deqrun.runner.signals import StopSignals
+from deqrun.studies.gradcheck import cosine, exact_method, parameter_gradients, rng_state
 from deqrun.tasks.base import Task, skip
 
 log = logging.getLogger("deqrun")
@@ -87,6 +87,7 @@ def run(config: RunConfig, resolved: dict[str, Any], run_dir: Path) -> dict[str,
     notes = config.notes + t.task.notes
     write_metrics(run_dir, status="running", fresh=fresh, run_name=config.run_name,
                   run_dir=str(run_dir), config=resolved, notes=notes,
+                  metric=dict(name=t.task.metric, higher_is_better=t.task.higher_is_better),
                   environment=environment(t.device), parameters=count_parameters(t.model))
     log.info("run %s: %d parameters, %d steps, device %s", config.run_name,
              count_parameters(t.model), t.total_steps, t.device)
