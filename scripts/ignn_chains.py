@@ -99,7 +99,7 @@ def main() -> None:
     print("| chain length | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     for length in args.lengths:
-        task = build_chains(ChainsConfig(length=length))
+        task = build_chains(ChainsConfig(length=length, steps_per_epoch=1))
         cells = []
         for name in names:
             torch.manual_seed(args.seed)
