@@ -60,10 +60,11 @@ class SavedTensorMeter:
         return sum(self._seen.values())
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key not in self._excluded:
-            self._seen[key] = storage.nbytes()
+        for part in _dense_parts(tensor):
+            storage = part.untyped_storage()
+            key = storage.data_ptr()
+            if key not in self._excluded:
+                self._seen[key] = storage.nbytes()
         return tensor
 
     def __enter__(self) -> SavedTensorMeter:
@@ -72,6 +73,17 @@ class SavedTensorMeter:
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+
+
+def _dense_parts(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The strided tensors holding a tensor's data (a sparse tensor has no storage of its own)."""
+    if tensor.layout == torch.sparse_coo:
+        return (tensor._indices(), tensor._values())
+    if tensor.layout == torch.sparse_csr:
+        return (tensor.crow_indices(), tensor.col_indices(), tensor.values())
+    if tensor.layout == torch.strided:
+        return (tensor,)
+    return ()
 
 
 def reset_peak_memory(device: torch.device | str) -> None:

@@ -54,7 +54,7 @@ def test_every_experiment_composes_and_resolves_with_a_row(experiment):
     run, resolved = resolve(composed(f"experiment={experiment}"))
     assert resolved["row"]["id"] == experiment.split("/")[-1]
     assert resolved["row"]["label"]
-    assert run.grad.name == resolved["row"]["id"]
+    assert resolved["row"]["id"].startswith(run.grad.name)
 
 
 @pytest.mark.parametrize("table", PHANTOM_TABLES)
@@ -119,3 +119,26 @@ def test_without_experiment_or_table_nothing_changes():
     cfg = composed()
     assert cfg.row is None and cfg.report is None
     assert cfg.grad.name == "upg" and cfg.optim.name == "adam"
+
+
+@pytest.mark.parametrize("table", ["ignn_smoke", "ignn_paper"])
+def test_ignn_tables_sweep_folds_datasets_and_rows(table):
+    cfg = composed(f"table={table}", hydra=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == (
+        "${task.dataset}-${row.id}-fold${task.fold}")
+    rows = [e.split("/")[-1] for e in sweep_values(table, "experiment")]
+    assert rows == list(cfg.report.rows) == ["implicit", "upg", "upg_lambda1"]
+    assert sweep_values(table, "task.fold") == [str(f) for f in range(10)]
+    assert sweep_values(table, "task.dataset") == ["COX2", "PROTEINS"]
+    configs = composed_many([[f"table={table}", f"experiment=ignn/{row}", "task.fold=3"]
+                             for row in rows])
+    grads = []
+    for cfg in configs:
+        run, _ = resolve(cfg)
+        assert (run.model.name, run.task.name, run.task.fold) == ("ignn", "tu", 3)
+        assert (run.solver.name, run.solver.f_max_iter, run.solver.f_tol) == (
+            "fixed_point", 300, 3e-6)
+        assert (run.optim.lr, run.trainer.batch_size) == (1e-3, 128)
+        grads.append((run.grad.name, getattr(run.grad, "lambda_", None)))
+    assert grads == [("implicit", None), ("upg", 0.5), ("upg", 1.0)]

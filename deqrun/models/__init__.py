@@ -4,13 +4,17 @@ Every family is one module here that registers itself (deqrun.registry.register_
 this package registers them all.
 """
 
+# ruff: noqa: I001  (the base modules first, then the families that register themselves)
+
 from __future__ import annotations
 
-from . import generator as _generator  # noqa: F401  (registers mdeq_generator)
 from .base import DEQModel
 from .mdeq import MDEQ, MDEQ_SIZES, MDEQConfig, MDEQSpec, build_mdeq, resolve_mdeq_spec
 
+# The other families register themselves on import.
+from . import deq_transformer  # noqa: E402,F401  (model=deq_transformer)
+from . import generator  # noqa: E402,F401  (model=mdeq_generator)
+from . import ignn  # noqa: E402,F401  (model=ignn)
+
 __all__ = ["DEQModel", "MDEQ", "MDEQ_SIZES", "MDEQConfig", "MDEQSpec", "build_mdeq",
            "resolve_mdeq_spec"]
-
-from . import deq_transformer  # noqa: E402,F401  (registers model=deq_transformer)

@@ -4,12 +4,16 @@ Every kind of task is one module here that registers its tasks (deqrun.registry.
 importing this package registers them all.
 """
 
-from deqrun.tasks import generative as _generative  # noqa: F401  (registers task=generative)
-from deqrun.tasks import inverse as _inverse  # noqa: F401  (registers task=inverse)
+# ruff: noqa: I001  (the base modules first, then the families that register themselves)
+
 from deqrun.tasks.base import DatasetTask, LoaderOptions, ModelSpec, Task
 from deqrun.tasks.classification import ClassificationTask, build_classification_task
 
+# The other kinds of task register themselves on import.
+from deqrun.tasks import generative  # noqa: E402,F401  (task=generative)
+from deqrun.tasks import graph  # noqa: E402,F401  (task=tu, planetoid, ppi, chains)
+from deqrun.tasks import inverse  # noqa: E402,F401  (task=inverse)
+from deqrun.tasks import language  # noqa: E402,F401  (task=wikitext2, wikitext103)
+
 __all__ = ["ClassificationTask", "DatasetTask", "LoaderOptions", "ModelSpec", "Task",
            "build_classification_task"]
-
-from deqrun.tasks import language  # noqa: E402,F401  (registers task=wikitext2, wikitext103)
