@@ -135,14 +135,21 @@ class DEQ(nn.Module):
             return SOLVERS[self.solver_name](f, z0, max_iter=max_iter, tol=tol,
                                              stop_mode=self.stop_mode, **self.solver_options)
 
-    def forward(self, f: Callable[[State], State], z0: State,
-                pretrain: bool = False) -> tuple[State, DEQStats]:
+    def forward(self, f: Callable[[State], State], z0: State, pretrain: bool = False,
+                max_iter: int | None = None) -> tuple[State, DEQStats]:
+        """Solve from z0; max_iter, if given, replaces this call's forward budget.
+
+        A smaller budget serves amortised solves: warm-started at the previous training step's
+        fixed point, one solver step per training step follows the moving fixed point.
+        """
         if pretrain:
             return self.unrolled(f, z0)
+        if max_iter is not None and int(max_iter) < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
         if not (self.training and torch.is_grad_enabled()):
-            result = self.solve(f, z0, self.eval_f_max_iter, self.eval_f_tol)
+            result = self.solve(f, z0, int(max_iter or self.eval_f_max_iter), self.eval_f_tol)
             return result.z, DEQStats(result)
-        result = self.solve(f, z0, self.f_max_iter, self.f_tol)
+        result = self.solve(f, z0, int(max_iter or self.f_max_iter), self.f_tol)
         layout = StateLayout.of(z0)
         flat_f = layout.flat_map(f)
         z_star = layout.flatten(result.z)

@@ -26,3 +26,5 @@ def build_model(name: str, options: Mapping[str, Any], *, deq: DEQ, in_channels:
 
 __all__ = ["MDEQ", "MDEQ_SIZES", "MODELS", "MDEQSpec", "build_mdeq", "build_model",
            "resolve_mdeq_spec"]
+
+from . import inr  # noqa: E402, F401  (registers isiren and imfn)
