@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -112,6 +113,7 @@ class DEQ(nn.Module):
         self.gradient = GRADIENTS[grad](**grad_options)
         if getattr(self.gradient, "needs_lowrank", False) and solver != "broyden":
             raise ValueError(f"grad={grad} needs solver=broyden (got solver={solver})")
+        self._reused: list[tuple[Callable, State, SolverResult]] | None = None
 
     def _split_options(self, options: dict) -> tuple[dict, dict]:
         solver_names = solver_option_names(self.solver_name)
@@ -130,10 +132,39 @@ class DEQ(nn.Module):
 
     def solve(self, f: Callable[[State], State], z0: State, max_iter: int,
               tol: float) -> SolverResult:
-        """The forward solve alone (no graph)."""
+        """The forward solve alone (no graph); inside reuse_forward(), the first solve's result."""
+        if self._reused:
+            return self._reused[0][2]
         with torch.no_grad():
-            return SOLVERS[self.solver_name](f, z0, max_iter=max_iter, tol=tol,
-                                             stop_mode=self.stop_mode, **self.solver_options)
+            result = SOLVERS[self.solver_name](f, z0, max_iter=max_iter, tol=tol,
+                                               stop_mode=self.stop_mode, **self.solver_options)
+        if self._reused is not None:
+            self._reused.append((f, z0, result))
+        return result
+
+    @contextmanager
+    def use_gradient(self, method: Any) -> Iterator[None]:
+        """Within the block, attach `method` (a gradient-method instance) instead of the
+        configured one, e.g. the exact gradient for a precision check."""
+        previous, self.gradient = self.gradient, method
+        try:
+            yield
+        finally:
+            self.gradient = previous
+
+    @contextmanager
+    def reuse_forward(self) -> Iterator[list[tuple[Callable, State, SolverResult]]]:
+        """Within the block the layer solves once; later solves return that first result.
+
+        Yields a list that holds (f, z0, result) of the first solve. Valid when every forward in
+        the block sees the same input, weights and random masks (the solves would be identical):
+        it lets several gradient methods share one forward solve.
+        """
+        self._reused = []
+        try:
+            yield self._reused
+        finally:
+            self._reused = None
 
     def forward(self, f: Callable[[State], State], z0: State, pretrain: bool = False,
                 max_iter: int | None = None) -> tuple[State, DEQStats]:
