@@ -217,10 +217,7 @@ class CoordinateDEQ(DEQModel):
         z0, warm = self._warm_start(z0, key, index)
         amortised = warm and self.training and torch.is_grad_enabled() and not pretrain
         budget = self.amortised_steps if amortised else None
-        if budget is None:
-            z_star, stats = self.deq(f, z0, pretrain=pretrain)
-        else:
-            z_star, stats = self.deq(f, z0, pretrain=pretrain, max_iter=budget)
+        z_star, stats = self.deq(f, z0, pretrain=pretrain, max_iter=budget)
         self._store(z_star, key, index)
         return self.head(z_star[0]), stats
 
