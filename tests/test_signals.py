@@ -147,7 +147,7 @@ def test_generalisation_interleaves_train_and_test_pixels(rgb_png):
 
 def test_video_task_reports_per_frame_psnr(frames_dir):
     folder, clip = frames_dir
-    task = build_video_fit(VideoFitOptions(path=str(folder), batch_size=7))
+    task = build_video_fit(VideoFitOptions(path=str(folder), eval_batch_size=7))
     assert task.model_spec().in_shape == (3,)
     batches = task.eval_batches("test", OPTIONS)
     sums: dict[str, float] = {}
