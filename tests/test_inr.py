@@ -40,10 +40,11 @@ def coords(n: int = 5, seed: int = 1, dtype=torch.float64) -> torch.Tensor:
 
 def dense_jacobian(model: CoordinateDEQ, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """df/dz at z for states (1, N, D), as an (N D) x (N D) matrix."""
-    filtered = [t.detach() for t in model.injection(x)]
+    injected = [tuple(None if t is None else t.detach() for t in layer)
+                for layer in model.injection(x)]
     flat = z.detach().reshape(-1)
     jac = torch.autograd.functional.jacobian(
-        lambda v: model.f(v.reshape(z.shape), filtered).reshape(-1), flat)
+        lambda v: model.f(v.reshape(z.shape), injected).reshape(-1), flat)
     return jac
 
 
@@ -75,8 +76,8 @@ def test_explicit_is_the_network_run_once_from_zero(filter_kind):
     model = tiny_model(filter_kind, implicit=False)
     x = coords()
     output, stats = model(x)
-    filtered = model.injection(x)
-    expected = model.head(model.f(torch.zeros(1, len(x), 8, dtype=x.dtype), filtered)[0])
+    injected = model.injection(x)
+    expected = model.head(model.f(torch.zeros(1, len(x), 8, dtype=x.dtype), injected)[0])
     torch.testing.assert_close(output, expected)
     assert int(stats.nstep) == 1
     model.implicit = True

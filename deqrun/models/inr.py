@@ -172,23 +172,28 @@ class CoordinateDEQ(DEQModel):
         self.head = nn.Linear(width, out_features)
         self._caches: dict[tuple[str, Any], _CacheEntry] = {}
 
-    def injection(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The filters for coordinates x (N, d), once per forward: [g0(x), s_1(x), ..., s_n(x)]
-        (for SIREN g0 = sin(Omega_0 x + c_0) and s_i the pre-activations Omega_i x + c_i)."""
+    def injection(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """What f needs of coordinates x (N, d), computed once per forward (after reset_norms):
+        per layer (offset_i, scale_i) with layer i = sin(z W_i^T + offset_i) (SIREN) or
+        scale_i * (z W_i^T + offset_i) (MFN). The input filter is folded into the first offset,
+        W_1 g0(x) + b_1, so that L_1(z + g0(x)) costs one fused matrix product."""
+        siren = self.filter_kind == "siren"
         filtered = [flt(x) for flt in self.filters]
-        if self.filter_kind == "siren":
-            filtered[0] = torch.sin(filtered[0])
-        return filtered
+        g0 = torch.sin(filtered[0]) if siren else filtered[0]
+        layers = []
+        for i, (layer, s) in enumerate(zip(self.recurrent, filtered[1:])):
+            offset = layer(g0) if i == 0 else layer.bias
+            layers.append((offset + s, None) if siren else (offset, s))
+        return layers
 
-    def f(self, z: torch.Tensor, filtered: list[torch.Tensor]) -> torch.Tensor:
+    def f(self, z: torch.Tensor, injected: list[tuple[torch.Tensor, torch.Tensor | None]],
+          ) -> torch.Tensor:
         """One application of the equilibrium layer on states (1, N, width)."""
-        z = z + filtered[0]
-        for layer, s in zip(self.recurrent, filtered[1:]):
-            if self.filter_kind == "siren":
-                z = torch.sin(layer(z) + s)
-            else:
-                z = s * layer(z)
-        return z
+        h = z.reshape(-1, self.width)
+        for layer, (offset, scale) in zip(self.recurrent, injected):
+            pre = torch.addmm(offset, h, layer.weight.T)
+            h = torch.sin(pre) if scale is None else scale * pre
+        return h.view_as(z)
 
     def implicit_parameters(self) -> list[nn.Parameter]:
         """Parameters whose gradient passes through the fixed point (all but the head's)."""
@@ -204,8 +209,8 @@ class CoordinateDEQ(DEQModel):
 
     def forward(self, inputs: Any, pretrain: bool = False) -> tuple[torch.Tensor, DEQStats]:
         coords, key, index = unpack_coordinates(inputs)
-        filtered = self.injection(coords)
         reset_norms(self.recurrent)
+        filtered = self.injection(coords)
 
         def f(z: torch.Tensor) -> torch.Tensor:
             return self.f(z, filtered)
