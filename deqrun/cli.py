@@ -40,7 +40,7 @@ def _job(cfg: DictConfig) -> Any:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         config, resolved = resolve(cfg)
-        from deqrun.train import run  # the data and model stack loads after the config checks
+        from deqrun.runner import run  # the data and model stack loads after the config checks
 
         return run(config, resolved, run_dir)
     except UserError as error:
@@ -76,7 +76,11 @@ class SweepSummary(Callback):
 
 def main() -> None:
     """Console entry point."""
-    register_configs()
+    try:
+        register_configs()
+    except UserError as error:
+        print(f"deqrun: error: {error}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     entry = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     entry(_job)()
 

@@ -1,22 +1,38 @@
-"""Dataclass schemas for every config group, their registration in Hydra's ConfigStore, and
-`resolve`, which turns a composed config into checked, typed objects before any work starts.
+"""Config schemas, generated from the registries, and `resolve`, which checks a composed config.
 
-Hydra rejects unknown keys and values of the wrong type while composing (each group's YAML file
-extends its schema). `resolve` applies the root shorthands `k` and `lambda` and checks ranges and
-combinations, raising ConfigError with one readable line.
+Where each group's options come from (a default is written once):
+- solver: one option per registered solver; fields from the solver's keyword options and the DEQ
+  layer's common solve options (deqrun.core).
+- grad: one option per registered gradient method (its dataclass fields) and `jiio`, the
+  input-optimisation mode (deqrun.core.jiio.JIIOOptions).
+- model, task: the schemas registered with the model and task builders (deqrun.registry); their
+  YAML files in configs/ extend `/_schema/<group>/<name>`.
+- optim, logger, trainer: the runner's own dataclasses below.
+
+Hydra rejects unknown keys and wrong types while composing; `resolve` applies the root shorthands
+`k` and `lambda`, checks ranges and combinations, and raises ConfigError with one readable line.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import inspect
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from deqrun import registry
 from deqrun.errors import ConfigError
 
 # Schemas use typing.Optional / List / Dict: OmegaConf reads these annotations at run time.
 # ruff: noqa: UP006, UP007, UP045
+
+GROUPS = ("model", "solver", "grad", "task", "optim", "logger", "trainer")
+ROOT_KEYS = {*GROUPS, "k", "lambda", "row", "report", "run_name", "hydra"}
+INPUT_OPTIMISATION = "jiio"
+SCHEMA_GROUP = "_schema"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -24,160 +40,7 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-# ---- model -------------------------------------------------------------------------------------
-@dataclass
-class ModelConfig:
-    name: str = "mdeq"
-
-
-@dataclass
-class MDEQConfig(ModelConfig):
-    """MDEQ: `size` picks a preset (tiny/small/large); any field set here overrides it."""
-
-    name: str = "mdeq"
-    size: str = "tiny"
-    num_branches: Optional[int] = None
-    branch_channels: Optional[list[int]] = None
-    head_channels: Optional[list[int]] = None
-    final_channels: Optional[int] = None
-    stem_channels: Optional[int] = None
-    downsample_times: Optional[int] = None
-    expansion: Optional[int] = None
-    num_groups: Optional[int] = None
-    dropout: Optional[float] = None
-    weight_norm: Optional[bool] = None
-
-    def options(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
-
-    def check(self) -> None:
-        from deqrun.models.mdeq import resolve_mdeq_spec
-
-        try:
-            resolve_mdeq_spec(**self.options())
-        except ValueError as error:
-            raise ConfigError(f"model={self.name}: {error}") from None
-
-
-@dataclass
-class PlannedModelConfig(ModelConfig):
-    """A model that a later release brings; choosing it says so."""
-
-    name: str = "planned"
-
-    def check(self) -> None:
-        """Nothing to check: _check_available refuses it."""
-
-
-# ---- solver ------------------------------------------------------------------------------------
-@dataclass
-class SolverConfig:
-    name: str = "anderson"
-    f_max_iter: int = 30
-    f_tol: float = 1e-3
-    stop_mode: str = "rel"
-    eval_f_max_iter: Optional[int] = None
-    eval_f_tol: Optional[float] = None
-
-    def options(self) -> dict[str, Any]:
-        """Keyword arguments for deqrun.core.DEQ."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
-
-
-@dataclass
-class FixedPointConfig(SolverConfig):
-    name: str = "fixed_point"
-    tau: float = 1.0
-
-
-@dataclass
-class AndersonConfig(SolverConfig):
-    name: str = "anderson"
-    m: int = 5
-    lam: float = 1e-4
-    beta: float = 1.0
-
-
-@dataclass
-class BroydenConfig(SolverConfig):
-    name: str = "broyden"
-    mem: Optional[int] = None
-
-
-# ---- grad --------------------------------------------------------------------------------------
-@dataclass
-class GradConfig:
-    name: str = "implicit"
-
-    def options(self) -> dict[str, Any]:
-        """Keyword arguments for deqrun.core.DEQ."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
-
-
-@dataclass
-class ImplicitConfig(GradConfig):
-    name: str = "implicit"
-    b_solver: str = "anderson"
-    b_max_iter: int = 40
-    b_tol: float = 1e-6
-    b_stop_mode: str = "abs"
-    b_solver_options: dict[str, Any] = field(default_factory=dict)
-    b_warm_start: bool = False
-
-
-@dataclass
-class PhantomConfig(GradConfig):
-    """upg and npg: k steps/terms with damping lambda_."""
-
-    name: str = "upg"
-    k: int = 5
-    lambda_: float = 0.5
-
-
-@dataclass
-class JacobianFreeConfig(GradConfig):
-    name: str = "jacobian_free"
-
-
-@dataclass
-class ShineConfig(GradConfig):
-    name: str = "shine"
-    fallback: bool = True
-    fallback_threshold: float = 1.8
-    refine: int = 0
-    refine_tol: float = 1e-6
-
-
-@dataclass
-class PlannedGradConfig(GradConfig):
-    name: str = "planned"
-
-    def options(self) -> dict[str, Any]:
-        return {}
-
-
-# ---- task --------------------------------------------------------------------------------------
-@dataclass
-class TaskConfig:
-    name: str = "digits"
-
-
-@dataclass
-class ImageTaskConfig(TaskConfig):
-    """Image classification data: root None means ~/.cache/deqrun/data/<name>."""
-
-    name: str = "digits"
-    root: Optional[str] = None
-    download: bool = False
-    image_size: Optional[int] = None
-    augment: bool = False
-    subset: Optional[int] = None
-    test_as_train: bool = False
-    train_dir: str = "train"
-    val_dir: str = "val"
-
-
-# ---- optim, logger, trainer ---------------------------------------------------------------------
+# ---- optim, logger, trainer (the runner's own options) ------------------------------------------
 @dataclass
 class OptimConfig:
     name: str = "adam"
@@ -253,61 +116,146 @@ class TrainerConfig:
                  f"trainer.device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
 
 
-SCHEMAS: dict[str, dict[str, type]] = {
-    "model": {"mdeq": MDEQConfig, "planned": PlannedModelConfig},
-    "solver": {"fixed_point": FixedPointConfig, "anderson": AndersonConfig,
-               "broyden": BroydenConfig},
-    "grad": {"implicit": ImplicitConfig, "phantom": PhantomConfig,
-             "jacobian_free": JacobianFreeConfig, "shine": ShineConfig,
-             "planned": PlannedGradConfig},
-    "task": {"image": ImageTaskConfig},
-    "optim": {"optim": OptimConfig},
-    "logger": {"logger": LoggerConfig},
-    "trainer": {"trainer": TrainerConfig},
-}
-AVAILABLE_MODELS = ("mdeq",)
-AVAILABLE_GRADS = ("implicit", "upg", "npg", "jacobian_free", "shine")
+RUNNER_SCHEMAS = {"optim": OptimConfig, "logger": LoggerConfig, "trainer": TrainerConfig}
+
+
+# ---- schemas generated from the core -------------------------------------------------------------
+def _omegaconf_type(annotation: Any) -> Any:
+    """A type annotation OmegaConf understands (PEP 604 unions -> Optional, bare containers)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return Optional[_omegaconf_type(args[0])] if len(args) == 1 else Any
+    if annotation is dict or origin is dict:
+        return typing.Dict[str, Any]
+    if annotation is list or origin is list:
+        return typing.List[Any]
+    return annotation
+
+
+def _schema(class_name: str, name: str, specs: list[tuple[str, Any, Any]]) -> type:
+    """A dataclass with `name` first, then (field, annotation, default) in order."""
+    made = [("name", str, field(default=name))]
+    for key, annotation, default in specs:
+        mutable = isinstance(default, (dict, list))
+        value = field(default_factory=lambda d=default: type(d)(d)) if mutable else \
+            field(default=default)
+        made.append((key, _omegaconf_type(annotation), value))
+    return make_dataclass(class_name, made, namespace={"options": _options})
+
+
+def _options(self: Any) -> dict[str, Any]:
+    """The fields other than `name`, as keyword arguments."""
+    return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
+
+
+def _signature_specs(function: Any, names: list[str] | None = None) -> list[tuple[str, Any, Any]]:
+    hints = typing.get_type_hints(function)
+    specs = []
+    for param in inspect.signature(function).parameters.values():
+        if param.default is inspect.Parameter.empty or param.name not in (names or [param.name]):
+            continue
+        specs.append((param.name, hints.get(param.name, Any), param.default))
+    return specs
+
+
+COMMON_SOLVE_OPTIONS = ["f_max_iter", "f_tol", "stop_mode", "eval_f_max_iter", "eval_f_tol"]
+
+
+_SCHEMA_CACHE: dict[tuple, type] = {}
+
+
+def _cached(key: tuple, make: Any) -> type:
+    """One schema class per registered object, so configs of one option compare equal."""
+    if key not in _SCHEMA_CACHE:
+        _SCHEMA_CACHE[key] = make()
+    return _SCHEMA_CACHE[key]
+
+
+def solver_schemas() -> dict[str, type]:
+    from deqrun.core import DEQ, SOLVERS, solver_option_names
+
+    common = _signature_specs(DEQ.__init__, COMMON_SOLVE_OPTIONS)
+    schemas = {}
+    for name, solve in SOLVERS.items():
+        own = _signature_specs(solve.__wrapped__, solver_option_names(name))
+        schemas[name] = _cached(("solver", name, solve), lambda n=name, o=own: _schema(
+            f"{_camel(n)}SolverConfig", n, common + o))
+    return schemas
+
+
+def grad_schemas() -> dict[str, type]:
+    from deqrun.core import GRADIENTS
+    from deqrun.core.jiio import JIIOOptions
+
+    schemas = {}
+    for name, cls in [*GRADIENTS.items(), (INPUT_OPTIMISATION, JIIOOptions)]:
+        schemas[name] = _cached(("grad", name, cls), lambda n=name, c=cls: _schema(
+            f"{_camel(n)}GradConfig", n, _field_specs(c)))
+    return schemas
+
+
+def _field_specs(cls: type) -> list[tuple[str, Any, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f.name, hints[f.name], _default(f)) for f in fields(cls)]
+
+
+def _default(f: Any) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
 
 
 def register_configs() -> None:
-    """Store every schema as `<group>/<name>_schema` for the YAML files to extend."""
+    """Put every option into Hydra's ConfigStore: solver/<name> and grad/<name> as complete
+    options, and the model, task and runner schemas under _schema/ for the YAML files to extend."""
     from hydra.core.config_store import ConfigStore
 
+    registry.load()
     store = ConfigStore.instance()
-    for group, schemas in SCHEMAS.items():
+    for group, schemas in (("solver", solver_schemas()), ("grad", grad_schemas())):
         for name, schema in schemas.items():
-            store.store(group=group, name=f"{name}_schema", node=schema)
+            store.store(group=group, name=name, node=schema)
+    for name, entry in registry.MODELS.items():
+        store.store(group=f"{SCHEMA_GROUP}/model", name=name, node=entry.schema)
+    for name, entry in registry.TASKS.items():
+        store.store(group=f"{SCHEMA_GROUP}/task", name=name, node=entry.schema)
+    for group, schema in RUNNER_SCHEMAS.items():
+        store.store(group=f"{SCHEMA_GROUP}/{group}", name="base", node=schema)
+    store.store(group="hydra/help", name="deqrun", node=help_config())
 
 
+# ---- the typed run configuration ---------------------------------------------------------------
 @dataclass
 class RunConfig:
-    """A checked, typed run configuration (what train.run receives)."""
+    """A checked, typed run configuration (what the runner receives)."""
 
-    model: ModelConfig
-    solver: SolverConfig
-    grad: GradConfig
-    task: TaskConfig
+    model: Any
+    solver: Any
+    grad: Any
+    task: Any
     optim: OptimConfig
     logger: LoggerConfig
     trainer: TrainerConfig
     run_name: str
     notes: list[str]
 
+    @property
+    def input_optimisation(self) -> bool:
+        """grad=jiio: the task's input-optimisation mode; the DEQ trains with implicit."""
+        return self.grad.name == INPUT_OPTIMISATION
+
     def deq_options(self) -> dict[str, Any]:
         """Keyword arguments for deqrun.core.DEQ."""
-        options = dict(solver=self.solver.name, grad=self.grad.name, **self.solver.options(),
-                       **self.grad.options())
+        grad = ("implicit", {}) if self.input_optimisation else \
+            (self.grad.name, self.grad.options())
+        options = dict(solver=self.solver.name, grad=grad[0], **self.solver.options(), **grad[1])
         options.update(pretrain_depth=self.trainer.pretrain_depth,
                        jac_reg=self.trainer.jac_reg_weight > 0,
                        jac_samples=self.trainer.jac_samples)
         return options
-
-
-GROUPS = ("model", "solver", "grad", "task", "optim", "logger", "trainer")
-GRAD_SCHEMA_OF = {"upg": "phantom", "npg": "phantom", "jiio": "planned"}
-MODEL_SCHEMA_OF = {"deq_transformer": "planned", "ignn": "planned", "isiren": "planned",
-                   "imfn": "planned"}
-TASKS_OF_MODEL = {"mdeq": ("digits", "mnist", "cifar10", "imagenet")}
 
 
 def resolve(cfg: DictConfig) -> tuple[RunConfig, dict[str, Any]]:
@@ -315,15 +263,23 @@ def resolve(cfg: DictConfig) -> tuple[RunConfig, dict[str, Any]]:
 
     Raises ConfigError (one line) for any value out of range or combination that makes no sense.
     """
+    registry.load()
+    _check_root_keys(cfg)
     notes: list[str] = []
     _apply_shorthands(cfg, notes)
     groups = {name: OmegaConf.to_object(cfg[name]) for name in GROUPS}
     run = RunConfig(**groups, run_name=str(cfg.run_name), notes=notes)
-    _check_available(run)
-    for part in (run.model, run.optim, run.logger, run.trainer):
-        part.check()
+    _check_choices(run)
+    for group in ("model", "task", "optim", "logger", "trainer"):
+        _check_part(group, getattr(run, group))
     _check_deq(run)
     return run, OmegaConf.to_container(cfg, resolve=True)
+
+
+def _check_root_keys(cfg: DictConfig) -> None:
+    for key in cfg:
+        _require(key in ROOT_KEYS, f"{key!r} is not a config group or root option of deqrun; "
+                 f"groups: {', '.join(GROUPS)} (plus experiment, table, launcher)")
 
 
 def _apply_shorthands(cfg: DictConfig, notes: list[str]) -> None:
@@ -341,16 +297,31 @@ def _apply_shorthands(cfg: DictConfig, notes: list[str]) -> None:
             notes.append(f"{short}={value} ignored: grad={cfg.grad.name} has no {target}")
 
 
-def _check_available(run: RunConfig) -> None:
-    if run.model.name not in AVAILABLE_MODELS:
-        raise ConfigError(f"model={run.model.name} is not available yet in this version of "
-                          f"deqrun; available models: {', '.join(AVAILABLE_MODELS)}")
-    if run.grad.name not in AVAILABLE_GRADS:
-        raise ConfigError(f"grad={run.grad.name} is not available yet in this version of "
-                          f"deqrun; available: {', '.join(AVAILABLE_GRADS)}")
-    tasks = TASKS_OF_MODEL[run.model.name]
-    _require(run.task.name in tasks, f"model={run.model.name} does not run task="
-             f"{run.task.name}; valid tasks for it: {', '.join(tasks)}")
+def _check_choices(run: RunConfig) -> None:
+    """The model serves the task; grad=jiio only on tasks with an input objective."""
+    model, task = run.model.name, run.task.name
+    _require(model in registry.MODELS, f"unknown model {model!r}; valid: "
+             f"{', '.join(sorted(registry.MODELS))}")
+    _require(task in registry.TASKS, f"unknown task {task!r}; valid: "
+             f"{', '.join(sorted(registry.TASKS))}")
+    _require(registry.serves(model, task), f"model={model} does not run task={task}; valid "
+             f"tasks for it: {', '.join(registry.tasks_of(model))}")
+    if run.input_optimisation:
+        accepting = registry.input_objective_tasks()
+        _require(task in accepting, f"grad={INPUT_OPTIMISATION} needs a task with an input "
+                 f"objective; task={task} has none; tasks that accept it: "
+                 f"{', '.join(accepting) or 'none in this version'}")
+
+
+def _check_part(group: str, part: Any) -> None:
+    check = getattr(part, "check", None)
+    if check is None:
+        return
+    try:
+        check()
+    except ValueError as error:
+        name = getattr(part, "name", group)
+        raise ConfigError(f"{group}={name}: {error}") from None
 
 
 def _check_deq(run: RunConfig) -> None:
@@ -363,15 +334,49 @@ def _check_deq(run: RunConfig) -> None:
         raise ConfigError(f"solver={run.solver.name} grad={run.grad.name}: {error}") from None
 
 
+def _schema_of(group: str, name: str) -> type:
+    if group == "solver":
+        return solver_schemas()[name]
+    if group == "grad":
+        return grad_schemas()[name]
+    if group in ("model", "task"):
+        entry = registry.model_entry(name) if group == "model" else registry.task_entry(name)
+        return entry.schema
+    return RUNNER_SCHEMAS[group]
+
+
 def config_from_resolved(resolved: dict[str, Any]) -> RunConfig:
     """The typed config of a finished run, from the resolved dict saved in its metrics.json."""
-    schema_names = {
-        "model": MODEL_SCHEMA_OF.get(resolved["model"]["name"], resolved["model"]["name"]),
-        "solver": resolved["solver"]["name"],
-        "grad": GRAD_SCHEMA_OF.get(resolved["grad"]["name"], resolved["grad"]["name"]),
-        "task": "image", "optim": "optim", "logger": "logger", "trainer": "trainer"}
+    registry.load()
     groups = {}
-    for group, schema in schema_names.items():
-        node = OmegaConf.merge(OmegaConf.structured(SCHEMAS[group][schema]), resolved[group])
+    for group in GROUPS:
+        schema = _schema_of(group, resolved[group].get("name", group))
+        node = OmegaConf.merge(OmegaConf.structured(schema), resolved[group])
         groups[group] = OmegaConf.to_object(node)
     return RunConfig(**groups, run_name=str(resolved.get("run_name", "")), notes=[])
+
+
+# ---- --help --------------------------------------------------------------------------------------
+def help_config() -> dict[str, Any]:
+    """`deqrun --help`: the groups and their options, from the registries."""
+    from deqrun.core import GRADIENTS, SOLVERS
+
+    lines = ["deqrun: train and measure deep equilibrium models.", "",
+             "Usage: deqrun [group=option ...] [group.key=value ...] [-m for sweeps]",
+             "       deqrun --cfg job [overrides]   prints the composed config", "",
+             "== Config groups (group=option) =="]
+    for name, entry in sorted(registry.MODELS.items()):
+        lines.append(f"model={name}: {entry.description} (tasks: "
+                     f"{', '.join(registry.tasks_of(name))})")
+    for name, entry in sorted(registry.TASKS.items()):
+        lines.append(f"task={name}: {entry.description}")
+    lines.append(f"solver: {', '.join(sorted(SOLVERS))}")
+    lines.append(f"grad: {', '.join(sorted(GRADIENTS))}, {INPUT_OPTIMISATION} (input "
+                 f"optimisation; tasks: {', '.join(registry.input_objective_tasks()) or 'none'})")
+    lines += ["optim: adam, sgd   logger: none, jsonl, csv, wandb   trainer: default",
+              "launcher: joblib, slurm   experiment, table: paper-table presets (see README)", "",
+              "== Config ==", "$CONFIG", "",
+              "Hydra's own options: deqrun --hydra-help"]
+    template = "\n".join(line.replace("$", "$$") if line != "$CONFIG" else line
+                         for line in lines)
+    return {"app_name": "deqrun", "header": "", "footer": "", "template": template}

@@ -52,35 +52,18 @@ def replay(model: nn.Module, state: dict[str, Any], device: torch.device) -> Ite
                 buffer.copy_(saved)
 
 
-@contextmanager
-def using_gradient(model: nn.Module, method: Any) -> Iterator[None]:
-    """Temporarily give the model's DEQ layer another gradient method."""
-    deq = model.deq
-    previous, deq.gradient = deq.gradient, method
-    try:
-        yield
-    finally:
-        deq.gradient = previous
-
-
-def implicit_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters whose gradient depends on the gradient method (all, if the model can't say)."""
-    chosen = getattr(model, "implicit_parameters", None)
-    return list(chosen()) if chosen is not None else list(model.parameters())
-
-
-def parameter_gradients(model: nn.Module, task: Any, x: torch.Tensor, y: torch.Tensor,
-                        params: list[nn.Parameter], method: Any, state: dict[str, Any],
-                        device: torch.device, jac_weight: float = 0.0) -> list[torch.Tensor]:
+def parameter_gradients(model: nn.Module, task: Any, batch: Any, params: list[nn.Parameter],
+                        method: Any, state: dict[str, Any], device: torch.device,
+                        jac_weight: float = 0.0) -> list[torch.Tensor]:
     """d loss / d params with `method`, replaying the randomness captured in `state`.
 
     The loss is the task loss plus jac_weight x the DEQ's Jacobian penalty when the model computes
     one (its random probes are replayed too), i.e. the loss training differentiates.
     """
-    with replay(model, state, device), using_gradient(model, method):
+    with replay(model, state, device), model.deq.use_gradient(method):
         model.train()
-        logits, stats = model(x)
-        loss = task.loss(logits, y)
+        output, stats = model(task.model_input(batch))
+        loss = task.loss(output, batch)
         if stats.jac_loss is not None:
             loss = loss + jac_weight * stats.jac_loss
         grads = torch.autograd.grad(loss, params, allow_unused=True)

@@ -231,7 +231,7 @@ def load_model(run: RunFolder) -> tuple[Any, nn.Module, Any, torch.device]:
     The Jacobian penalty is switched off: the study compares gradients of the task loss only.
     """
     from deqrun.config import config_from_resolved
-    from deqrun.train import build_task_and_model, select_device
+    from deqrun.runner.build import build_task_and_model, select_device
 
     config = config_from_resolved(run.metrics["config"])
     device = select_device("auto")
@@ -268,10 +268,10 @@ def gradients_and_stats(model: nn.Module, task: Any, x: torch.Tensor, y: torch.T
                         params: list[nn.Parameter], method: Any, state: dict[str, Any],
                         device: torch.device) -> tuple[list[torch.Tensor], Any]:
     """gradcheck.parameter_gradients that also returns the DEQ stats (with the backward solve)."""
-    with gradcheck.replay(model, state, device), gradcheck.using_gradient(model, method):
+    with gradcheck.replay(model, state, device), model.deq.use_gradient(method):
         model.train()
         logits, stats = model(x)
-        grads = torch.autograd.grad(task.loss(logits, y), params, allow_unused=True)
+        grads = torch.autograd.grad(task.loss(logits, (x, y)), params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)], stats
 
 
@@ -297,7 +297,7 @@ def batch_diagnostics(stats: Any, radius: torch.Tensor) -> dict[str, Any]:
 def mdeq_batch_rows(model: nn.Module, task: Any, x: torch.Tensor, y: torch.Tensor,
                     methods: list[Method], device: torch.device) -> list[dict[str, Any]]:
     """Every method's cosine with the tight implicit gradient on one batch (one forward solve)."""
-    params = gradcheck.implicit_parameters(model)
+    params = model.implicit_parameters()
     state = gradcheck.rng_state(device)
     exact_method = GRADIENTS["implicit"](**MDEQ_EXACT)
     with reused_forward(model.deq) as captured:
@@ -305,7 +305,7 @@ def mdeq_batch_rows(model: nn.Module, task: Any, x: torch.Tensor, y: torch.Tenso
         base = batch_diagnostics(stats, radius_at_fixed_point(captured[0]))
         rows = []
         for method in methods:
-            grads = gradcheck.parameter_gradients(model, task, x, y, params, method.build(),
+            grads = gradcheck.parameter_gradients(model, task, (x, y), params, method.build(),
                                                   state, device)
             rows.append(dict(base, **method.columns(), cosine=gradcheck.cosine(grads, exact)))
     return rows

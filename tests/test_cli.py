@@ -51,7 +51,8 @@ def test_single_run_writes_metrics_logs_and_checkpoint(tmp_path):
     (["solver.f_tol=abc"], "could not be converted to Float"),
     (["typo_key=1"], "typo_key"),
     (["task=cifar10", "task.root=/nonexistent"], "/nonexistent"),
-    (["model=ignn"], "not available yet"),
+    (["grad=jiio"], "grad=jiio needs a task with an input objective"),
+    (["task=image_schema"], "Could not find 'task/image_schema'"),
 ])
 def test_bad_input_exits_non_zero_with_a_readable_message(tmp_path, args, needle):
     result = deqrun(args, tmp_path)

@@ -103,15 +103,22 @@ def test_subset_keeps_first_samples() -> None:
         build_digits(image_size=-3)
 
 
-def test_task_digits_loss_and_correct() -> None:
+def test_task_digits_loss_and_metrics() -> None:
     task = build_classification_task("digits", **OPTIONS)
-    assert isinstance(task, ClassificationTask) and task.metric_name == "accuracy"
+    assert isinstance(task, ClassificationTask) and task.metric == "accuracy"
+    assert task.higher_is_better and task.eval_splits == ("test",)
     assert (task.num_classes, task.in_channels, task.image_size) == (10, 1, 8)
+    assert task.model_spec().in_shape == (1, 8, 8) and task.model_spec().out_features == 10
     assert task.notes == []
     logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [0.5, 0.0, 4.0], [1.0, 2.0, 0.0]])
     y = torch.tensor([0, 1, 0, 0])
-    assert task.correct(logits, y) == 2
-    assert torch.isclose(task.loss(logits, y), F.cross_entropy(logits, y))
+    batch = (torch.zeros(4, 1, 8, 8), y)
+    sums = task.metric_sums(logits, batch)
+    assert sums["correct"] == 2 and sums["samples"] == 4
+    assert torch.isclose(task.loss(logits, batch), F.cross_entropy(logits, y))
+    reduced = task.reduce(sums)
+    assert reduced["accuracy"] == 0.5
+    assert abs(reduced["loss"] - float(F.cross_entropy(logits, y))) < 1e-6
 
 
 def test_task_unknown_name() -> None:

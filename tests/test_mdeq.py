@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 import deqrun.models.mdeq as mdeq_module
+from deqrun import registry
 from deqrun.core import DEQ, reset_norms
 from deqrun.core.norm import _WeightNorm
-from deqrun.models import MDEQ, MDEQ_SIZES, MODELS, build_model, resolve_mdeq_spec
+from deqrun.models import MDEQ, MDEQ_SIZES, MDEQConfig, build_mdeq, resolve_mdeq_spec
 from deqrun.models.mdeq import group_norm
+from deqrun.tasks import ModelSpec
 
 FAST = dict(solver="anderson", f_max_iter=4, f_tol=1e-6)
 
@@ -20,7 +22,7 @@ def make_model(size: str = "tiny", *, in_channels: int = 3, num_classes: int = 1
     torch.manual_seed(seed)
     deq = deq if deq is not None else DEQ(**FAST)
     options = {"size": size, **overrides}
-    return build_model("mdeq", options, deq=deq, in_channels=in_channels, num_classes=num_classes)
+    return build_mdeq(options, deq=deq, in_channels=in_channels, num_classes=num_classes)
 
 
 def n_params(model: nn.Module) -> int:
@@ -79,14 +81,15 @@ def test_resolve_refuses_bad_options(size, overrides, message):
     assert message in str(info.value)
 
 
-def test_build_model_registry():
-    assert set(MODELS) == {"mdeq"}
-    model = make_model(dropout=0.0, num_groups=4)
+def test_registered_builder_reads_the_task_spec():
+    entry = registry.model_entry("mdeq")
+    assert entry.schema is MDEQConfig and "image_classification" in entry.tasks
+    spec = ModelSpec(kind="image_classification", in_shape=(1, 8, 8), out_features=7)
+    model = entry.build(MDEQConfig(dropout=0.0, num_groups=4), DEQ(**FAST), spec)
     assert isinstance(model, MDEQ) and model.spec.dropout == 0.0 and model.spec.num_groups == 4
-    with pytest.raises(ValueError, match="valid: mdeq"):
-        build_model("resnet", {}, deq=DEQ(), in_channels=3, num_classes=10)
+    assert model.stem[0].in_channels == 1 and model(torch.randn(2, 1, 8, 8))[0].shape == (2, 7)
     with pytest.raises(ValueError, match="'size'"):
-        build_model("mdeq", {}, deq=DEQ(), in_channels=3, num_classes=10)
+        build_mdeq({}, deq=DEQ(), in_channels=3, num_classes=10)
 
 
 @pytest.mark.parametrize("channels, groups", [(24, 8), (12, 6), (7, 7), (20, 5), (32, 8)])

@@ -11,13 +11,19 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from deqrun.core import DEQ, DEQStats, apply_weight_norm, reset_norms
+from deqrun.models.base import DEQModel
+from deqrun.registry import register_model
+from deqrun.tasks.base import ModelSpec
+
+# The config schema uses typing.Optional / List: OmegaConf reads these annotations at run time.
+# ruff: noqa: UP006, UP035, UP045
 
 Tensors = list[torch.Tensor]
 HEAD_EXPANSION = 4
@@ -283,7 +289,7 @@ def _init_convs(*modules: nn.Module, std: float = 0.01) -> None:
                     nn.init.normal_(layer.bias, 0.0, std)
 
 
-class MDEQ(nn.Module):
+class MDEQ(DEQModel):
     """Multiscale DEQ classifier: `logits, stats = model(x)` (or `model(x, pretrain=True)`).
 
     The state is a list of per-branch tensors solved jointly by `deq`. Weight norm (on the convs
@@ -346,6 +352,38 @@ class MDEQ(nn.Module):
 
         z_star, stats = self.deq(f, self.initial_state(injection), pretrain=pretrain)
         return self.head(z_star), stats
+
+
+@dataclass
+class MDEQConfig:
+    """model=mdeq: `size` picks a preset (tiny/small/large); any field set here overrides it."""
+
+    name: str = "mdeq"
+    size: str = "tiny"
+    num_branches: Optional[int] = None
+    branch_channels: Optional[List[int]] = None
+    head_channels: Optional[List[int]] = None
+    final_channels: Optional[int] = None
+    stem_channels: Optional[int] = None
+    downsample_times: Optional[int] = None
+    expansion: Optional[int] = None
+    num_groups: Optional[int] = None
+    dropout: Optional[float] = None
+    weight_norm: Optional[bool] = None
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
+
+    def check(self) -> None:
+        resolve_mdeq_spec(**self.options())
+
+
+@register_model("mdeq", schema=MDEQConfig, tasks=("image_classification",),
+                description="multiscale DEQ (Bai et al. 2020), sizes tiny/small/large")
+def build_mdeq_model(options: MDEQConfig, deq: DEQ, spec: ModelSpec) -> MDEQ:
+    """The registered builder: an MDEQ for the task's image channels and classes."""
+    return build_mdeq(options.options(), deq=deq, in_channels=spec.in_shape[0],
+                      num_classes=spec.out_features)
 
 
 def build_mdeq(options: Mapping[str, Any], *, deq: DEQ, in_channels: int,

@@ -61,6 +61,7 @@ class Task(ABC):
     metric: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
     eval_splits: tuple[str, ...] = ("test",)
+    eval_with_grad: ClassVar[bool] = False  # evaluation needs autograd (e.g. attacks on the input)
 
     def __init__(self) -> None:
         self.notes: list[str] = []

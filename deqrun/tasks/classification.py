@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,30 +13,70 @@ from torch.utils.data import Dataset, Subset
 
 from deqrun.data.images import build_cifar10, build_digits, build_imagenet, build_mnist
 from deqrun.errors import ConfigError
+from deqrun.registry import register_task
+from deqrun.tasks.base import DatasetTask, ModelSpec
+
+# The config schema uses typing.Optional: OmegaConf reads these annotations at run time.
+# ruff: noqa: UP045
 
 DEFAULT_DATA_ROOT = "~/.cache/deqrun/data"
 
 
 @dataclass
-class ClassificationTask:
-    """An image-classification problem: its data, input shape, loss and metric."""
+class ImageTaskConfig:
+    """Image-classification data options; root None means ~/.cache/deqrun/data/<task>."""
 
-    name: str
-    num_classes: int
-    in_channels: int
-    image_size: int
-    train_set: Dataset
-    test_set: Dataset
-    notes: list[str] = field(default_factory=list)
-    metric_name: ClassVar[str] = "accuracy"
+    name: str = "digits"
+    root: Optional[str] = None
+    download: bool = False
+    image_size: Optional[int] = None
+    augment: bool = False
+    subset: Optional[int] = None
+    test_as_train: bool = False
+    train_dir: str = "train"
+    val_dir: str = "val"
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def check(self) -> None:
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        if self.subset is not None and self.subset < 1:
+            raise ValueError(f"subset must be >= 1, got {self.subset}")
+
+
+class ClassificationTask(DatasetTask):
+    """An image-classification problem: (x, y) batches, cross-entropy, accuracy."""
+
+    metric: ClassVar[str] = "accuracy"
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, name: str, train_set: Dataset, test_set: Dataset,
+                 notes: list[str] | None = None) -> None:
+        super().__init__(train_set, test_set)
+        self.name = name
+        self.notes = list(notes or [])
+        image, _ = train_set[0]
+        self.in_channels, self.image_size = image.shape[0], image.shape[-1]
+        self.num_classes = _num_classes(train_set)
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(kind="image_classification", in_shape=(self.in_channels,
+                         self.image_size, self.image_size), out_features=self.num_classes)
+
+    def model_input(self, batch: Any) -> torch.Tensor:
+        return batch[0]
+
+    def loss(self, logits: torch.Tensor, batch: Any) -> torch.Tensor:
         """Mean cross-entropy of logits (N x num_classes) against integer labels (N)."""
-        return F.cross_entropy(logits, y)
+        return F.cross_entropy(logits, batch[1])
 
-    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> int:
-        """Number of samples whose highest logit is at the label, to sum over an epoch."""
-        return int((logits.argmax(dim=-1) == y).sum().item())
+    def metric_sums(self, logits: torch.Tensor, batch: Any) -> dict[str, float]:
+        y = batch[1]
+        return {"loss": float(F.cross_entropy(logits, y, reduction="sum")),
+                "correct": float((logits.argmax(dim=-1) == y).sum()), "samples": float(len(y))}
+
+    def reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        samples = max(sums.get("samples", 0.0), 1.0)
+        return {"loss": sums["loss"] / samples, "accuracy": sums["correct"] / samples}
 
 
 @dataclass(frozen=True)
@@ -147,13 +187,28 @@ def build_classification_task(
     )
     notes: list[str] = []
     train_set, test_set = builder(options, notes)
-    image, _ = train_set[0]
-    return ClassificationTask(
-        name=name,
-        num_classes=_num_classes(train_set),
-        in_channels=image.shape[0],
-        image_size=image.shape[-1],
-        train_set=train_set,
-        test_set=test_set,
-        notes=notes,
-    )
+    return ClassificationTask(name, train_set, test_set, notes)
+
+
+DESCRIPTIONS = {"digits": "scikit-learn's 8x8 digits (bundled, offline)",
+                "mnist": "MNIST through torchvision", "cifar10": "CIFAR-10 through torchvision",
+                "imagenet": "ImageNet ImageFolders"}
+
+
+def _register(name: str) -> None:
+    schema = make_dataclass(f"{name.capitalize()}TaskConfig", [("name", str, field(default=name))],
+                            bases=(ImageTaskConfig,))
+
+    def build(options: ImageTaskConfig) -> ClassificationTask:
+        return build_classification_task(
+            options.name, root=options.root, download=options.download,
+            image_size=options.image_size, augment=options.augment, subset=options.subset,
+            test_as_train=options.test_as_train, train_dir=options.train_dir,
+            val_dir=options.val_dir)
+
+    register_task(name, schema=schema, kind="image_classification",
+                  description=DESCRIPTIONS[name])(build)
+
+
+for _name in _BUILDERS:
+    _register(_name)
