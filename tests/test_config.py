@@ -75,6 +75,9 @@ def test_every_option_composes_and_resolves(group):
             continue  # needs a task with an input objective: see the refusal test
         if group == "model":
             overrides.append(f"task={registry.tasks_of(option)[0]}")
+        if group == "task":
+            model = next(m for m in sorted(registry.MODELS) if registry.serves(m, option))
+            overrides.append(f"model={model}")
         cfg = composed(*overrides)
         assert group == "trainer" or cfg[group].name == option
         run, resolved = resolve(cfg)

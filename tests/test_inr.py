@@ -10,8 +10,8 @@ import torch
 from deqrun.core import DEQ, reset_norms
 from deqrun.models.inr import (
     CoordinateDEQ,
-    IMFNOptions,
-    ISirenOptions,
+    IMFNConfig,
+    ISirenConfig,
     build_imfn,
     build_isiren,
     parse_size,
@@ -54,14 +54,14 @@ def test_sizes_parse_and_refuse_nonsense():
     with pytest.raises(ValueError, match="1L-256D"):
         parse_size("256")
     with pytest.raises(ValueError, match="filter"):
-        IMFNOptions(filter="siren").check()
+        IMFNConfig(filter="siren").check()
 
 
 @pytest.mark.parametrize("filter_kind", FILTERS)
 @pytest.mark.parametrize("size", ["1L-16D", "3L-8D"])
 def test_explicit_and_implicit_have_identical_parameters(filter_kind, size):
-    options = (ISirenOptions(size=size) if filter_kind == "siren"
-               else IMFNOptions(size=size, filter=filter_kind))
+    options = (ISirenConfig(size=size) if filter_kind == "siren"
+               else IMFNConfig(size=size, filter=filter_kind))
     build = build_isiren if filter_kind == "siren" else build_imfn
     counts = []
     for implicit in (True, False):
@@ -303,6 +303,6 @@ def test_model_runs_in_float32_with_a_mixed_deq():
 
 def test_options_out_of_range_are_refused():
     with pytest.raises(ValueError, match="input_scale"):
-        ISirenOptions(input_scale=-1.0).check()
+        ISirenConfig(input_scale=-1.0).check()
     with pytest.raises(ValueError, match="amortised_steps"):
-        ISirenOptions(amortised_steps=0).check()
+        ISirenConfig(amortised_steps=0).check()

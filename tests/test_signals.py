@@ -13,13 +13,13 @@ from skimage import io
 from deqrun.core import DEQ
 from deqrun.data.signals import coordinate_grid, load_audio, load_image, load_video
 from deqrun.errors import ConfigError, DataNotFoundError
-from deqrun.models.inr import IMFNOptions, build_imfn
+from deqrun.models.inr import IMFNConfig, build_imfn
 from deqrun.tasks.base import LoaderOptions
 from deqrun.tasks.signal import (
-    AudioFitOptions,
-    ImageFitOptions,
-    ImageGeneralisationOptions,
-    VideoFitOptions,
+    AudioFitConfig,
+    ImageFitConfig,
+    ImageGeneralisationConfig,
+    VideoFitConfig,
     build_audio_fit,
     build_image_fit,
     build_image_generalisation,
@@ -107,10 +107,14 @@ def test_video_loader_reads_folders_npy_and_gif(frames_dir, tmp_path):
 
 def test_image_fit_task_full_batch_and_psnr(rgb_png):
     path, pixels = rgb_png
-    task = build_image_fit(ImageFitOptions(path=str(path)))
+    task = build_image_fit(ImageFitConfig(path=str(path)))
     spec = task.model_spec()
     assert spec.in_shape == (2,) and spec.out_features == 3
-    assert spec.extra["input_scale"] == 256 and spec.extra["siren_input_scale"] == 128
+    # the reference's 256 for 512 pixels, scaled to the shorter side (6 pixels); SIREN gets half
+    assert spec.extra["input_scale"] == pytest.approx(3.0)
+    assert spec.extra["siren_input_scale"] == pytest.approx(1.5)
+    given = build_image_fit(ImageFitConfig(path=str(path), input_scale=40.0)).model_spec()
+    assert (given.extra["input_scale"], given.extra["siren_input_scale"]) == (40.0, 20.0)
     (batch,) = task.train_batches(0, OPTIONS)
     assert batch.coords.shape == (48, 2) and batch.index is None
     assert batch.target.min() >= -1 and batch.target.max() <= 1
@@ -122,7 +126,7 @@ def test_image_fit_task_full_batch_and_psnr(rgb_png):
 
 
 def test_minibatches_are_seeded_by_seed_and_epoch(rgb_png):
-    task = build_image_fit(ImageFitOptions(path=str(rgb_png[0]), batch_size=10))
+    task = build_image_fit(ImageFitConfig(path=str(rgb_png[0]), batch_size=10))
     first = [b.index for b in task.train_batches(2, OPTIONS)]
     again = [b.index for b in task.train_batches(2, OPTIONS)]
     other = [b.index for b in task.train_batches(3, OPTIONS)]
@@ -133,7 +137,7 @@ def test_minibatches_are_seeded_by_seed_and_epoch(rgb_png):
 
 def test_generalisation_interleaves_train_and_test_pixels(rgb_png):
     path, pixels = rgb_png
-    task = build_image_generalisation(ImageGeneralisationOptions(path=str(path)))
+    task = build_image_generalisation(ImageGeneralisationConfig(path=str(path)))
     (train,) = task.train_batches(0, OPTIONS)
     (test,) = task.eval_batches("test", OPTIONS)
     grid = coordinate_grid((6, 8)).reshape(6, 8, 2)
@@ -142,12 +146,12 @@ def test_generalisation_interleaves_train_and_test_pixels(rgb_png):
     expected = torch.from_numpy(pixels[1::2, 1::2] / 255.0).reshape(-1, 3).float() * 2 - 1
     torch.testing.assert_close(test.target, expected)
     with pytest.raises(ConfigError, match="task.image"):
-        build_image_generalisation(ImageGeneralisationOptions(path=str(path.parent), image=5))
+        build_image_generalisation(ImageGeneralisationConfig(path=str(path.parent), image=5))
 
 
 def test_video_task_reports_per_frame_psnr(frames_dir):
     folder, clip = frames_dir
-    task = build_video_fit(VideoFitOptions(path=str(folder), eval_batch_size=7))
+    task = build_video_fit(VideoFitConfig(path=str(folder), eval_batch_size=7))
     assert task.model_spec().in_shape == (3,)
     batches = task.eval_batches("test", OPTIONS)
     sums: dict[str, float] = {}
@@ -164,29 +168,32 @@ def test_video_task_reports_per_frame_psnr(frames_dir):
     assert reduced["psnr_std"] == pytest.approx(np.std(psnrs))
     assert len(batches) == math.ceil(60 / 7)
     with pytest.raises(ConfigError, match="task.path"):
-        build_video_fit(VideoFitOptions())
+        build_video_fit(VideoFitConfig())
 
 
 def test_shared_kodak_and_bach_load(shared_data):
-    task = build_image_generalisation(ImageGeneralisationOptions(
+    task = build_image_generalisation(ImageGeneralisationConfig(
         path=str(shared_data / "images"), image=1, resize=[64, 96]))
     assert len(task.train) == 32 * 48 and "kodim19" in task.notes[0]
-    audio = build_audio_fit(AudioFitOptions(path=str(shared_data / "audio" / "gt_bach.wav"),
+    audio = build_audio_fit(AudioFitConfig(path=str(shared_data / "audio" / "gt_bach.wav"),
                                             seconds=0.01))
     assert audio.rate == 44100 and len(audio.train) == 441
-    assert audio.model_spec().extra["input_scale"] == 25000
+    # the reference's 25000 for the whole clip (308 207 samples), scaled to 441 samples
+    assert audio.model_spec().extra["input_scale"] == pytest.approx(25000 * 441 / 308_207)
+    full = build_audio_fit(AudioFitConfig(path=str(shared_data / "audio" / "gt_bach.wav")))
+    assert full.model_spec().extra["input_scale"] == pytest.approx(25000)
 
 
 @pytest.mark.parametrize("kind", ["image", "audio", "video"])
 def test_artifacts_are_written(kind, rgb_png, wav, frames_dir, tmp_path):
     if kind == "image":
-        task = build_image_generalisation(ImageGeneralisationOptions(path=str(rgb_png[0])))
+        task = build_image_generalisation(ImageGeneralisationConfig(path=str(rgb_png[0])))
     elif kind == "audio":
-        task = build_audio_fit(AudioFitOptions(path=str(wav[0])))
+        task = build_audio_fit(AudioFitConfig(path=str(wav[0])))
     else:
-        task = build_video_fit(VideoFitOptions(path=str(frames_dir[0]), batch_size=16))
+        task = build_video_fit(VideoFitConfig(path=str(frames_dir[0]), batch_size=16))
     deq = DEQ("fixed_point", "npg", f_max_iter=30, f_tol=1e-3, k=2, lambda_=1.0)
-    model = build_imfn(IMFNOptions(size="1L-8D", filter="gabor"), deq, task.model_spec())
+    model = build_imfn(IMFNConfig(size="1L-8D", filter="gabor"), deq, task.model_spec())
     task.final_metrics([{"epoch": 1, "test_psnr": 10.0, "train_psnr": 9.0},
                         {"epoch": 2, "test_psnr": 12.0, "train_psnr": 11.0}])
     run_dir = tmp_path / "run"

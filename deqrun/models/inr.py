@@ -49,7 +49,7 @@ FILTERS = ("fourier", "gabor", "siren")
 
 
 @dataclass
-class ISirenOptions:
+class ISirenConfig:
     """Options of model=isiren (and, with a filter, of model=imfn)."""
 
     name: str = "isiren"
@@ -76,7 +76,7 @@ class ISirenOptions:
 
 
 @dataclass
-class IMFNOptions(ISirenOptions):
+class IMFNConfig(ISirenConfig):
     """Options of model=imfn: an MFN with Fourier or Gabor filters."""
 
     name: str = "imfn"
@@ -298,7 +298,7 @@ def explicit_pass(f, z0: torch.Tensor) -> tuple[torch.Tensor, DEQStats]:
     return z, DEQStats(result)
 
 
-def _input_scale(options: ISirenOptions, spec: ModelSpec, siren: bool) -> float:
+def _input_scale(options: ISirenConfig, spec: ModelSpec, siren: bool) -> float:
     if options.input_scale is not None:
         return float(options.input_scale)
     key = "siren_input_scale" if siren else "input_scale"
@@ -308,7 +308,7 @@ def _input_scale(options: ISirenOptions, spec: ModelSpec, siren: bool) -> float:
     return float(value)
 
 
-def build_coordinate_deq(options: ISirenOptions, deq: DEQ, spec: ModelSpec) -> CoordinateDEQ:
+def build_coordinate_deq(options: ISirenConfig, deq: DEQ, spec: ModelSpec) -> CoordinateDEQ:
     """A CoordinateDEQ from model options and the task's ModelSpec (in_shape (d,), outputs)."""
     options.check()
     layers, width = parse_size(options.size)
@@ -323,15 +323,15 @@ def build_coordinate_deq(options: ISirenOptions, deq: DEQ, spec: ModelSpec) -> C
         gabor_alpha=getattr(options, "gabor_alpha", 3.0))
 
 
-@register_model("isiren", schema=ISirenOptions, tasks=("signal",),
+@register_model("isiren", schema=ISirenConfig, tasks=("signal",),
                 description="implicit SIREN: sin(W z + b + Omega x + c) layers at equilibrium")
-def build_isiren(options: ISirenOptions, deq: DEQ, spec: ModelSpec) -> CoordinateDEQ:
+def build_isiren(options: ISirenConfig, deq: DEQ, spec: ModelSpec) -> CoordinateDEQ:
     """model=isiren."""
     return build_coordinate_deq(options, deq, spec)
 
 
-@register_model("imfn", schema=IMFNOptions, tasks=("signal",),
+@register_model("imfn", schema=IMFNConfig, tasks=("signal",),
                 description="implicit multiplicative filter network (Fourier or Gabor filters)")
-def build_imfn(options: IMFNOptions, deq: DEQ, spec: ModelSpec) -> CoordinateDEQ:
+def build_imfn(options: IMFNConfig, deq: DEQ, spec: ModelSpec) -> CoordinateDEQ:
     """model=imfn."""
     return build_coordinate_deq(options, deq, spec)

@@ -32,6 +32,11 @@ from deqrun.tasks.signal_artifacts import write_signal_artifacts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MIN_MSE = 1e-20
+# The reference's input scales and the signal sizes they were set for: images of 512 pixels
+# (shorter side), the 7 s Bach clip (308 207 samples). With input_scale null a task scales them
+# with its own signal, so the filters keep the same frequencies per pixel / per sample.
+REFERENCE_IMAGE_SIDE = 512
+REFERENCE_AUDIO_SAMPLES = 308_207
 
 
 @dataclass
@@ -198,6 +203,18 @@ def sub_grid(image: np.ndarray, offset: int) -> Signal:
     return Signal(coords.reshape(-1, 2), target.float(), tuple(part.shape[:2]))
 
 
+def _check_scale(scale: Optional[float]) -> None:
+    if scale is not None and scale <= 0:
+        raise ValueError(f"task.input_scale must be > 0 or null, got {scale}")
+
+
+def image_scale(given: Optional[float], reference: float, image: np.ndarray) -> float:
+    """`given`, or the reference's scale for 512 pixels scaled to the image's shorter side."""
+    if given is not None:
+        return float(given)
+    return reference * min(image.shape[:2]) / REFERENCE_IMAGE_SIDE
+
+
 def _check_batches(options: Any) -> None:
     for field_name in ("batch_size", "eval_batch_size"):
         value = getattr(options, field_name)
@@ -206,7 +223,7 @@ def _check_batches(options: Any) -> None:
 
 
 @dataclass
-class ImageFitOptions:
+class ImageFitConfig:
     """task=image_fit: fit every pixel of one image, evaluated on the same pixels."""
 
     name: str = "image_fit"
@@ -215,33 +232,33 @@ class ImageFitOptions:
     grey: bool = False
     batch_size: Optional[int] = None  # coordinates per training batch; None: full batch
     eval_batch_size: Optional[int] = None
-    input_scale: float = 256.0  # the reference's, suggested to the model (SIREN gets half)
+    # suggested to the model (SIREN gets half); None: 256 per 512 pixels of the shorter side
+    input_scale: Optional[float] = None
 
     def check(self) -> None:
         _check_batches(self)
-        if self.input_scale <= 0:
-            raise ValueError(f"task.input_scale must be > 0, got {self.input_scale}")
+        _check_scale(self.input_scale)
 
 
-@register_task("image_fit", schema=ImageFitOptions, kind="signal",
+@register_task("image_fit", schema=ImageFitConfig, kind="signal",
                description="fit one image (default: scikit-image's camera); PSNR on its pixels")
-def build_image_fit(options: ImageFitOptions) -> SignalTask:
+def build_image_fit(options: ImageFitConfig) -> SignalTask:
     options.check()
     path = None if options.path is None else str(resolve_path(options.path))
     image = load_image(path, resize=options.resize, grey=options.grey)
     signal = image_signal(image)
-    task = SignalTask("image_fit", "image", signal, signal, signal,
-                      input_scale=options.input_scale,
-                      siren_input_scale=options.input_scale / 2,
-                      batch_size=options.batch_size, eval_batch_size=options.eval_batch_size)
+    scale = image_scale(options.input_scale, 256.0, image)
+    task = SignalTask("image_fit", "image", signal, signal, signal, input_scale=scale,
+                      siren_input_scale=scale / 2, batch_size=options.batch_size,
+                      eval_batch_size=options.eval_batch_size)
+    batches = "full batch" if options.batch_size is None else f"batches of {options.batch_size}"
     task.notes.append(f"image {path or 'skimage camera'}: {image.shape[0]}x{image.shape[1]}x"
-                      f"{image.shape[2]}, full batch" if options.batch_size is None else
-                      f"image {path or 'skimage camera'}: batches of {options.batch_size}")
+                      f"{image.shape[2]}, {batches}, input scale {scale:g} (SIREN {scale / 2:g})")
     return task
 
 
 @dataclass
-class ImageGeneralisationOptions:
+class ImageGeneralisationConfig:
     """task=image_generalisation: train on pixels [::2, ::2], test on [1::2, 1::2]."""
 
     name: str = "image_generalisation"
@@ -251,14 +268,13 @@ class ImageGeneralisationOptions:
     grey: bool = False
     batch_size: Optional[int] = None
     eval_batch_size: Optional[int] = None
-    input_scale: float = 128.0
+    input_scale: Optional[float] = None  # None: 128 per 512 pixels of the shorter side
 
     def check(self) -> None:
         _check_batches(self)
+        _check_scale(self.input_scale)
         if self.image < 0:
             raise ValueError(f"task.image must be >= 0, got {self.image}")
-        if self.input_scale <= 0:
-            raise ValueError(f"task.input_scale must be > 0, got {self.input_scale}")
 
 
 def pick_image(path: Path, index: int) -> Path:
@@ -277,24 +293,24 @@ def pick_image(path: Path, index: int) -> Path:
     return files[index]
 
 
-@register_task("image_generalisation", schema=ImageGeneralisationOptions, kind="signal",
+@register_task("image_generalisation", schema=ImageGeneralisationConfig, kind="signal",
                description="train on a quarter of the pixels, PSNR on another quarter (Kodak)")
-def build_image_generalisation(options: ImageGeneralisationOptions) -> SignalTask:
+def build_image_generalisation(options: ImageGeneralisationConfig) -> SignalTask:
     options.check()
     file = pick_image(resolve_path(options.path), options.image)
     image = load_image(str(file), resize=options.resize, grey=options.grey)
+    scale = image_scale(options.input_scale, 128.0, image)
     task = SignalTask("image_generalisation", "image", sub_grid(image, 0), sub_grid(image, 1),
-                      image_signal(image), input_scale=options.input_scale,
-                      siren_input_scale=options.input_scale / 2,
+                      image_signal(image), input_scale=scale, siren_input_scale=scale / 2,
                       batch_size=options.batch_size, eval_batch_size=options.eval_batch_size)
     task.notes.append(f"image {file.name} {image.shape[0]}x{image.shape[1]}: train on [::2, ::2], "
-                      f"test on [1::2, 1::2]")
+                      f"test on [1::2, 1::2], input scale {scale:g} (SIREN {scale / 2:g})")
     return task
 
 
 # ---- audio -------------------------------------------------------------------------------------
 @dataclass
-class AudioFitOptions:
+class AudioFitConfig:
     """task=audio_fit: fit a WAV clip (samples over the largest |sample|)."""
 
     name: str = "audio_fit"
@@ -302,19 +318,18 @@ class AudioFitOptions:
     seconds: Optional[float] = None  # keep only the first seconds; None: all
     batch_size: Optional[int] = None
     eval_batch_size: Optional[int] = None
-    input_scale: float = 25000.0
+    input_scale: Optional[float] = None  # None: 25000 per 308 207 samples (the 7 s Bach clip)
 
     def check(self) -> None:
         _check_batches(self)
+        _check_scale(self.input_scale)
         if self.seconds is not None and self.seconds <= 0:
             raise ValueError(f"task.seconds must be > 0, got {self.seconds}")
-        if self.input_scale <= 0:
-            raise ValueError(f"task.input_scale must be > 0, got {self.input_scale}")
 
 
-@register_task("audio_fit", schema=AudioFitOptions, kind="signal",
+@register_task("audio_fit", schema=AudioFitConfig, kind="signal",
                description="fit an audio clip (default: the Bach clip of SIREN); PSNR and a WAV")
-def build_audio_fit(options: AudioFitOptions) -> SignalTask:
+def build_audio_fit(options: AudioFitConfig) -> SignalTask:
     options.check()
     file = resolve_path(options.path)
     samples, rate, amplitude = load_audio(str(file))
@@ -322,18 +337,20 @@ def build_audio_fit(options: AudioFitOptions) -> SignalTask:
         samples = samples[: max(2, int(options.seconds * rate))]
     target = torch.from_numpy(samples).unsqueeze(1)
     signal = Signal(coordinate_grid((len(samples),)), target, (len(samples),))
-    task = SignalTask("audio_fit", "audio", signal, signal, signal,
-                      input_scale=options.input_scale, siren_input_scale=options.input_scale,
-                      batch_size=options.batch_size, eval_batch_size=options.eval_batch_size,
-                      rate=rate)
+    scale = (options.input_scale if options.input_scale is not None
+             else 25000.0 * len(samples) / REFERENCE_AUDIO_SAMPLES)
+    task = SignalTask("audio_fit", "audio", signal, signal, signal, input_scale=scale,
+                      siren_input_scale=scale, batch_size=options.batch_size,
+                      eval_batch_size=options.eval_batch_size, rate=rate)
     task.notes.append(f"audio {file.name}: {len(samples)} samples at {rate} Hz "
-                      f"({len(samples) / rate:.2f} s), amplitude {amplitude:.4g} divided out")
+                      f"({len(samples) / rate:.2f} s), amplitude {amplitude:.4g} divided out, "
+                      f"input scale {scale:g}")
     return task
 
 
 # ---- video -------------------------------------------------------------------------------------
 @dataclass
-class VideoFitOptions:
+class VideoFitConfig:
     """task=video_fit: fit a video (a folder of frames, a .npy array or a GIF)."""
 
     name: str = "video_fit"
@@ -361,9 +378,9 @@ def video_signal(frames: np.ndarray) -> Signal:
                   (count, height, width), frame)
 
 
-@register_task("video_fit", schema=VideoFitOptions, kind="signal",
+@register_task("video_fit", schema=VideoFitConfig, kind="signal",
                description="fit a video (folder of frames, .npy or GIF); per-frame PSNR")
-def build_video_fit(options: VideoFitOptions) -> SignalTask:
+def build_video_fit(options: VideoFitConfig) -> SignalTask:
     options.check()
     if options.path is None:
         raise ConfigError("task=video_fit needs task.path: a folder of frames, a .npy array "
