@@ -153,7 +153,8 @@ def plot_psnr(history: list[dict[str, Any]], path: Path, title: str) -> None:
         points = [(h.get("step", h.get("epoch", i)), h[key]) for i, h in enumerate(history)
                   if isinstance(h.get(key), (int, float))]
         if points:
-            ax.plot(*zip(*points), label=key)
+            ax.plot(*zip(*points), label=key, marker="o" if len(points) < 30 else None,
+                    markersize=3)
     ax.set_xlabel("step" if any("step" in h for h in history) else "epoch")
     ax.set_ylabel("PSNR (dB)")
     ax.set_title(title)
