@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: install run test test-all lint bench precision table-phantom clean
+.PHONY: install run test test-all lint bench precision table-jiio shine-bilevel shine-inversion \
+        solver-suite clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,25 +39,41 @@ bench: $(STAMP)
 # cosine with the exact gradient every 5 steps, then the synthetic + checkpoint + dynamic study.
 precision: $(STAMP)
 	$(VENV)/bin/deqrun run_name=precision-mdeq trainer.precision_every=5 trainer.jac_reg_weight=1.0 $(ARGS)
-	$(PY) -m deqrun.precision --run outputs/runs/precision-mdeq --out outputs/precision
+	$(PY) -m deqrun.studies.precision --run outputs/runs/precision-mdeq --out outputs/precision
 
-# Paper tables: make table-phantom SCALE=smoke (CPU, < 30 min) | SCALE=paper (GPU cluster; add
-# e.g. ARGS="launcher=slurm hydra.launcher.partition=gpu"). DRY=1 prints the sweep and every job's
-# config without running anything.
+# Paper tables: make table-NAME SCALE=smoke (CPU) | SCALE=paper (GPU cluster; add e.g.
+# ARGS="launcher=slurm hydra.launcher.partition=gpu"), for every configs/table/NAME_<scale>.yaml
+# (phantom, shine, ignn, lm, inr). DRY=1 prints the sweep and every row's config without running.
 SCALE ?= smoke
-TABLE_DIR := outputs/tables/phantom-$(SCALE)/$(shell date +%Y-%m-%d_%H-%M-%S)
+NOW := $(shell date +%Y-%m-%d_%H-%M-%S)
 
-table-phantom: $(STAMP)
+# JIIO's table is a timing study in one process, not a sweep: train the generator, then time.
+table-jiio: $(STAMP)
+	$(VENV)/bin/deqrun experiment=jiio/generative_mnist task.root=../shared/data/mnist trainer.threads=1 run_name=jiio-generator-$(SCALE) $(ARGS)
+	$(PY) scripts/jiio_timing.py --checkpoint outputs/runs/jiio-generator-$(SCALE)/checkpoints/last.pt --data-root ../shared/data/mnist --batch 32 --T 100 --m 40 --alpha0 5 5 --every 10 --out outputs/tables/jiio-$(SCALE)
+
+table-%: $(STAMP)
 ifeq ($(DRY),1)
-	$(VENV)/bin/deqrun table=phantom_$(SCALE) $(ARGS) --cfg hydra --package hydra.sweeper.params
-	for row in $$($(VENV)/bin/deqrun table=phantom_$(SCALE) --cfg job --package report.rows | sed -n 's/^- //p'); do \
+	$(VENV)/bin/deqrun table=$*_$(SCALE) $(ARGS) --cfg hydra --package hydra.sweeper.params
+	for row in $$($(VENV)/bin/deqrun table=$*_$(SCALE) --cfg job --package report.rows | sed -n 's/^- //p'); do \
 	  echo "# ---- row $$row"; \
-	  $(VENV)/bin/deqrun table=phantom_$(SCALE) experiment=phantom/$$row $(ARGS) --cfg job || exit 1; \
+	  $(VENV)/bin/deqrun table=$*_$(SCALE) experiment=$*/$$row $(ARGS) --cfg job || exit 1; \
 	done
 else
-	$(VENV)/bin/deqrun table=phantom_$(SCALE) hydra.sweep.dir=$(TABLE_DIR) $(ARGS); status=$$?; \
-	$(VENV)/bin/deqrun-report $(TABLE_DIR) && exit $$status
+	$(VENV)/bin/deqrun table=$*_$(SCALE) hydra.sweep.dir=outputs/tables/$*-$(SCALE)/$(NOW) $(ARGS); status=$$?; \
+	$(VENV)/bin/deqrun-report outputs/tables/$*-$(SCALE)/$(NOW) && exit $$status
 endif
+
+# SHINE (Ramzi et al. 2022): the bi-level study (offline data) and the inversion-quality study;
+# the classic root-finding suite of the solvers (ours, scipy, torchdeq when installed).
+shine-bilevel: $(STAMP)
+	$(PY) -m deqrun.studies.bilevel --out outputs/shine $(ARGS)
+
+shine-inversion: $(STAMP)
+	$(PY) -m deqrun.studies.inversion --out outputs/shine $(ARGS)
+
+solver-suite: $(STAMP)
+	$(PY) scripts/solver_suite.py $(ARGS)
 
 clean:
 	rm -rf outputs/runs outputs/multirun .pytest_cache .ruff_cache

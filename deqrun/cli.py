@@ -1,13 +1,18 @@
-"""The `deqrun` command: compose the Hydra config, check it, run training.
+"""The `deqrun` command: compose the Hydra config, check it, claim the run folder, run training.
 
-A bad value or a missing data set prints one line and exits with status 2 (single runs). In a
-sweep (`deqrun -m ...`) a job that fails writes its metrics.json with status "failed" and the
-error, the other jobs go on, and the sweep ends with a summary and a non-zero status.
+Exit status: 0 completed (or nothing left to do), 2 a user error (bad value, missing data, a
+run folder in use or holding another run, an incompatible or unreadable checkpoint, a failed
+write), 3 diverged, 128+N stopped by signal N (130 SIGINT, 143 SIGTERM), 1 a bug (traceback).
+Every user error is one line on stderr. Nothing is written into a run folder before the config
+is checked and the folder is claimed (deqrun.runner.folder). In a sweep (`deqrun -m ...`) a job
+that fails writes its metrics.json with status "failed" and the error, the other jobs go on, and
+the sweep ends with a summary and a non-zero status.
 """
 
 from __future__ import annotations
 
-import json
+import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,12 +23,13 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from deqrun.config import register_configs, resolve
-from deqrun.errors import Interrupted, UserError
-from deqrun.results import write_metrics
+from deqrun.config import check_run_name, register_configs, resolve
+from deqrun.errors import Abort, Diverged, Interrupted, UserError, WriteError
+from deqrun.results import read_metrics, write_metrics
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
 
 
 def config_dir() -> Path:
@@ -38,23 +44,76 @@ def _job(cfg: DictConfig) -> Any:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    was_empty = not any(run_dir.iterdir()) if run_dir.is_dir() else True
+    held = None
     try:
         config, resolved = resolve(cfg)
         from deqrun.runner import run  # the data and model stack loads after the config checks
+        from deqrun.runner.build import select_device
+        from deqrun.runner.folder import claim, write_job_config
 
-        return run(config, resolved, run_dir)
+        select_device(config.trainer.device)  # a device this machine lacks: before any write
+        held = claim(run_dir, config)
+        if held.previous is None:
+            write_job_config(run_dir, cfg, list(hydra_cfg.overrides.task))
+        return run(config, resolved, run_dir, held.previous)
     except UserError as error:
-        write_metrics(run_dir, status="failed", error=str(error))
-        print(f"deqrun: error: {error}", file=sys.stderr)
-        if not multirun:
-            sys.exit(EXIT_USER_ERROR)
+        _record_failure(run_dir, held, was_empty, multirun, str(error))
+        if multirun and was_empty and (held is None or held.previous is None):
+            _try_job_config(run_dir, cfg, list(hydra_cfg.overrides.task))
+        _leave(f"error: {error}", EXIT_USER_ERROR, multirun)
+    except Diverged as diverged:
+        _leave(f"diverged: {diverged}", EXIT_DIVERGED, multirun)
     except Interrupted as stop:
-        print(f"deqrun: {stop}", file=sys.stderr)
-        sys.exit(128 + stop.signum)
+        _leave(str(stop), 128 + stop.signum, False)
+    except (KeyboardInterrupt, Abort) as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        _leave(f"stopped by {signal.Signals(signum).name} before training started", 128 + signum,
+               False)
     except Exception as error:
-        write_metrics(run_dir, status="failed", error=f"{type(error).__name__}: {error}")
+        if held is not None and held.may_record_failure:
+            _try_write(run_dir, status="failed", error=f"{type(error).__name__}: {error}")
         raise
+    finally:
+        if held is not None:
+            held.release()
     return None
+
+
+def _record_failure(run_dir: Path, held: Any, was_empty: bool, multirun: bool,
+                    message: str) -> None:
+    """Write status failed only where no other run's work lives; drop an empty new folder."""
+    if held is not None:
+        if held.may_record_failure:
+            _try_write(run_dir, status="failed", error=message)
+    elif was_empty and multirun:
+        _try_write(run_dir, status="failed", error=message)
+    elif was_empty and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def _try_job_config(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:
+    """A failed sweep job keeps its config in .hydra/ (deqrun-report places it by that)."""
+    from deqrun.runner.folder import write_job_config
+
+    try:
+        write_job_config(run_dir, cfg, overrides)
+    except WriteError:
+        pass
+
+
+def _try_write(run_dir: Path, **fields: Any) -> None:
+    try:
+        write_metrics(run_dir, **fields)
+    except WriteError:
+        pass
+
+
+def _leave(message: str, status: int, multirun: bool) -> None:
+    """Print one line; exit with `status` unless this is a sweep job (the sweep goes on)."""
+    print(f"deqrun: {message}", file=sys.stderr)
+    if not multirun:
+        sys.exit(status)
 
 
 class SweepSummary(Callback):
@@ -62,22 +121,45 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        statuses = {}
-        for metrics in sorted(sweep_dir.glob("*/metrics.json")):
-            statuses[metrics.parent.name] = json.loads(metrics.read_text()).get("status", "?")
-        failed = [name for name, status in statuses.items() if status != "completed"]
-        print(f"deqrun sweep: {len(statuses) - len(failed)} of {len(statuses)} jobs completed "
+        jobs = {}
+        for path in sorted(sweep_dir.glob("*/metrics.json")):
+            content = read_metrics(path.parent)
+            jobs[path.parent.name] = content if content else {"status": "unreadable"}
+        failed = [name for name, job in jobs.items() if job.get("status") != "completed"]
+        print(f"deqrun sweep: {len(jobs) - len(failed)} of {len(jobs)} jobs completed "
               f"in {sweep_dir}", file=sys.stderr)
         for name in failed:
-            print(f"  {name}: {statuses[name]}", file=sys.stderr)
+            job = jobs[name]
+            reason = f": {job['error']}" if job.get("error") else ""
+            print(f"  {name}: {job.get('status', '?')}{reason}", file=sys.stderr)
         if failed:
             sys.exit(1)
+
+
+RUN_NAME = re.compile(r"^(\+{0,2})run_name=(.*)$", re.DOTALL)
+
+
+def quote_run_name(argv: list[str]) -> list[str]:
+    """Make `run_name=VALUE` on the command line a string, whatever it looks like (nan, null,
+    1e3, true), and refuse names that are not plain folder names before Hydra makes a folder."""
+    out = []
+    for arg in argv:
+        match = RUN_NAME.match(arg)
+        value = match.group(2) if match else ""
+        if not match or value[:1] in ("'", '"') or "${" in value or "," in value:
+            out.append(arg)
+            continue
+        check_run_name(value)
+        escaped = value.replace("'", "\\'")
+        out.append(f"{match.group(1)}run_name='{escaped}'")
+    return out
 
 
 def main() -> None:
     """Console entry point."""
     try:
         register_configs()
+        sys.argv[1:] = quote_run_name(sys.argv[1:])
     except UserError as error:
         print(f"deqrun: error: {error}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

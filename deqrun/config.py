@@ -16,6 +16,7 @@ Hydra rejects unknown keys and wrong types while composing; `resolve` applies th
 from __future__ import annotations
 
 import inspect
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
@@ -102,6 +103,11 @@ class TrainerConfig:
     progress: Optional[bool] = None
     threads: Optional[int] = None
     precision_every: int = 0
+    resume_force: bool = False
+    overwrite: bool = False
+    on_divergence: str = "stop"
+    max_skipped_batches: int = 10
+    divergence_factor: Optional[float] = 100.0
 
     def check(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "pretrain_depth", "jac_samples",
@@ -112,8 +118,16 @@ class TrainerConfig:
         _require(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps must be >= 1")
         _require(self.jac_reg_weight >= 0, "trainer.jac_reg_weight must be >= 0")
         _require(self.threads is None or self.threads >= 1, "trainer.threads must be >= 1")
-        _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-                 f"trainer.device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
+        _require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)) is not None,
+                 f"trainer.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        _require(self.on_divergence in ("stop", "skip_batch"),
+                 f"trainer.on_divergence must be stop or skip_batch, got {self.on_divergence!r}")
+        _require(self.max_skipped_batches >= 1, "trainer.max_skipped_batches must be >= 1")
+        _require(self.divergence_factor is None or self.divergence_factor > 1,
+                 "trainer.divergence_factor must be > 1 (or null to turn the check off)")
+        _require(not ((self.resume or self.resume_from) and self.overwrite),
+                 "trainer.overwrite=true starts the run anew: it excludes trainer.resume=true "
+                 "and trainer.resume_from")
 
 
 RUNNER_SCHEMAS = {"optim": OptimConfig, "logger": LoggerConfig, "trainer": TrainerConfig}
@@ -268,12 +282,22 @@ def resolve(cfg: DictConfig) -> tuple[RunConfig, dict[str, Any]]:
     notes: list[str] = []
     _apply_shorthands(cfg, notes)
     groups = {name: OmegaConf.to_object(cfg[name]) for name in GROUPS}
-    run = RunConfig(**groups, run_name=str(cfg.run_name), notes=notes)
+    run = RunConfig(**groups, run_name=check_run_name(cfg.run_name), notes=notes)
     _check_choices(run)
     for group in ("model", "task", "optim", "logger", "trainer"):
         _check_part(group, getattr(run, group))
     _check_deq(run)
     return run, OmegaConf.to_container(cfg, resolve=True)
+
+
+def check_run_name(name: Any) -> str:
+    """A run name as given, if it is a plain folder name; else ConfigError."""
+    _require(isinstance(name, str), f"run_name must be a string (a folder name), got {name!r}; "
+             "quote it: run_name=\"'...'\"")
+    _require(name.strip() != "", "run_name must not be empty")
+    _require(name not in (".", "..") and not re.search(r"[/\\\x00-\x1f]", name),
+             f"run_name={name!r} must be a plain folder name (no '/', '\\', '.' or '..')")
+    return name
 
 
 def _check_root_keys(cfg: DictConfig) -> None:
@@ -328,7 +352,13 @@ def _check_deq(run: RunConfig) -> None:
     """Build the DEQ layer once so that the core checks every solver and grad option."""
     from deqrun.core import DEQ
 
+    solver = run.solver
     try:
+        for key, low in (("eval_f_max_iter", 1), ("eval_f_tol", 0)):
+            value = getattr(solver, key, None)
+            if value is not None and not (value >= low if key.endswith("iter") else value > 0):
+                raise ValueError(f"solver.{key} must be {'>= 1' if low else '> 0'} or null, "
+                                 f"got {value}")
         DEQ(**run.deq_options())
     except ValueError as error:
         raise ConfigError(f"solver={run.solver.name} grad={run.grad.name}: {error}") from None

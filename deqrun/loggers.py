@@ -7,11 +7,14 @@ Files go into the run folder; a resumed run appends to them, a fresh run starts 
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
 import uuid
 from pathlib import Path
 from typing import Any
+
+from deqrun.errors import WriteError
+from deqrun.results import atomic_write, sanitize, strict_dumps, strict_loads
 
 
 class Logger:
@@ -27,35 +30,90 @@ class Logger:
         """Flush and release files."""
 
 
-class JsonlLogger(Logger):
-    """steps.jsonl and epochs.jsonl, one JSON object per line."""
+def _clean(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with non-finite numbers as None, and `nonfinite` naming them (if any)."""
+    cleaned, nonfinite = sanitize(record)
+    if nonfinite:
+        cleaned["nonfinite"] = nonfinite
+    return cleaned
 
-    def __init__(self, run_dir: Path, append: bool) -> None:
-        mode = "a" if append else "w"
-        self.files = {kind: open(run_dir / f"{kind}s.jsonl", mode) for kind in ("step", "epoch")}
+
+def _keep(kind: str, record: dict[str, Any], resume_at: tuple[int, int]) -> bool:
+    """Whether a logged record happened before the checkpoint a run resumes from."""
+    step, epochs = resume_at
+    return record.get("step", 0) <= step if kind == "step" else record.get("epoch", 0) <= epochs
+
+
+class JsonlLogger(Logger):
+    """steps.jsonl and epochs.jsonl, one strict JSON object per line."""
+
+    def __init__(self, run_dir: Path, append: bool,
+                 resume_at: tuple[int, int] | None = None) -> None:
+        self.paths = {kind: run_dir / f"{kind}s.jsonl" for kind in ("step", "epoch")}
+        self.files = {}
+        for kind, path in self.paths.items():
+            if append and resume_at is not None:
+                _trim_jsonl(kind, path, resume_at)
+            try:
+                self.files[kind] = open(path, "a" if append else "w")
+            except OSError as error:
+                raise WriteError(path, error) from None
 
     def log(self, kind: str, record: dict[str, Any]) -> None:
-        self.files[kind].write(json.dumps(record) + "\n")
-        self.files[kind].flush()
+        try:
+            self.files[kind].write(strict_dumps(_clean(record)) + "\n")
+            self.files[kind].flush()
+        except OSError as error:
+            raise WriteError(self.paths[kind], error) from None
 
     def close(self) -> None:
         for handle in self.files.values():
-            handle.close()
+            try:
+                handle.close()
+            except OSError:
+                pass
+
+
+def _trim_jsonl(kind: str, path: Path, resume_at: tuple[int, int]) -> None:
+    """Drop lines logged after the checkpoint (and a torn last line) before appending."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = strict_loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and _keep(kind, record, resume_at):
+            kept.append(line + "\n")
+    atomic_write(path, "".join(kept))
 
 
 class CsvLogger(Logger):
-    """steps.csv and epochs.csv; the header comes from the first record (new keys are dropped)."""
+    """steps.csv and epochs.csv; the header comes from the first record (new keys are dropped),
+    plus a `nonfinite` column naming the fields written empty because they were NaN/infinite."""
 
-    def __init__(self, run_dir: Path, append: bool) -> None:
+    def __init__(self, run_dir: Path, append: bool,
+                 resume_at: tuple[int, int] | None = None) -> None:
         self.paths = {kind: run_dir / f"{kind}s.csv" for kind in ("step", "epoch")}
-        if not append:
-            for path in self.paths.values():
+        for kind, path in self.paths.items():
+            if not append:
                 path.unlink(missing_ok=True)
+            elif resume_at is not None:
+                _trim_csv(kind, path, resume_at)
         self.writers: dict[str, tuple[Any, csv.DictWriter]] = {}
 
     def log(self, kind: str, record: dict[str, Any]) -> None:
+        path = self.paths[kind]
+        try:
+            self._log(kind, path, record)
+        except OSError as error:
+            raise WriteError(path, error) from None
+
+    def _log(self, kind: str, path: Path, record: dict[str, Any]) -> None:
+        record = _clean(record)
+        record["nonfinite"] = ";".join(record.get("nonfinite", []))
         if kind not in self.writers:
-            path = self.paths[kind]
             header = _csv_header(path) or list(record)
             handle = open(path, "a", newline="")
             writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
@@ -68,14 +126,40 @@ class CsvLogger(Logger):
 
     def close(self) -> None:
         for handle, _ in self.writers.values():
-            handle.close()
+            try:
+                handle.close()
+            except OSError:
+                pass
 
 
 def _csv_header(path: Path) -> list[str] | None:
     if not path.exists() or path.stat().st_size == 0:
         return None
     with open(path, newline="") as handle:
-        return next(csv.reader(handle))
+        return next(csv.reader(handle), None)
+
+
+def _trim_csv(kind: str, path: Path, resume_at: tuple[int, int]) -> None:
+    """Drop rows logged after the checkpoint (and a torn last row) before appending."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    text = path.read_text()
+    rows = list(csv.reader(io.StringIO(text)))
+    header, body = rows[0], rows[1:]
+    if not text.endswith("\n") and body:
+        body = body[:-1]
+    kept = [row for row in body if len(row) == len(header) and _keep(
+        kind, {k: _number(v) for k, v in zip(header, row)}, resume_at)]
+    out = io.StringIO()
+    csv.writer(out).writerows([header, *kept])
+    atomic_write(path, out.getvalue())
+
+
+def _number(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 class WandbLogger(Logger):
@@ -110,12 +194,13 @@ def _wandb_id(run_dir: Path, resume: bool) -> str:
 
 
 def build_logger(name: str, run_dir: Path, config: dict[str, Any], append: bool,
-                 **options: Any) -> Logger:
-    """The logger called `name` writing into run_dir (appending to earlier files if `append`)."""
+                 resume_at: tuple[int, int] | None = None, **options: Any) -> Logger:
+    """The logger called `name` writing into run_dir (appending to earlier files if `append`,
+    after dropping what was logged past `resume_at` = (step, finished epochs))."""
     builders = {
         "none": lambda: Logger(),
-        "jsonl": lambda: JsonlLogger(run_dir, append),
-        "csv": lambda: CsvLogger(run_dir, append),
+        "jsonl": lambda: JsonlLogger(run_dir, append, resume_at),
+        "csv": lambda: CsvLogger(run_dir, append, resume_at),
         "wandb": lambda: WandbLogger(run_dir, config, **options),
     }
     return builders[name]()

@@ -187,17 +187,52 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def row_stats(row: Row, memory_key: str) -> dict[str, float | None]:
-    """Means over the row's completed runs (accuracy in %, with its sample std over seeds)."""
+@dataclass(frozen=True)
+class Headline:
+    """The table's headline metric, from the `report` metadata (default: test accuracy in %).
+
+    report.metric names the task metric (accuracy, perplexity, f1, psnr, ...); metric_key and
+    best_key the `final` entries averaged (default test_<metric>, best_test_<metric>); scale
+    multiplies them (100 for accuracy); label and best_label head the columns; the paper's
+    number is read under paper_key (default: the metric's name, `accuracy` for accuracy).
+    """
+
+    key: str = "test_accuracy"
+    best_key: str = "best_test_accuracy"
+    scale: float = 100.0
+    label: str = "test acc. %"
+    best_label: str = "best-epoch acc. %"
+    paper_key: str = "accuracy"
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Headline:
+        metric = str(meta.get("metric") or "accuracy")
+        if metric == "accuracy":
+            default = cls()
+        else:
+            default = cls(f"test_{metric}", f"best_test_{metric}", 1.0, f"test {metric}",
+                          f"best-epoch {metric}", metric)
+        return cls(key=str(meta.get("metric_key") or default.key),
+                   best_key=str(meta.get("best_key") or default.best_key),
+                   scale=float(meta.get("metric_scale") or default.scale),
+                   label=str(meta.get("metric_label") or default.label),
+                   best_label=str(meta.get("best_label") or default.best_label),
+                   paper_key=str(meta.get("paper_key") or default.paper_key))
+
+
+def row_stats(row: Row, memory_key: str, headline: Headline | None = None,
+              ) -> dict[str, float | None]:
+    """Means over the row's completed runs (the headline metric with its sample std over seeds)."""
+    headline = headline or Headline()
 
     def values(key: str, scale: float = 1.0) -> list[float]:
         return [run.final[key] * scale for run in row.completed
                 if isinstance(run.final.get(key), (int, float))]
 
-    accuracy = values("test_accuracy", 100.0)
+    accuracy = values(headline.key, headline.scale)
     return dict(accuracy=_mean(accuracy),
                 accuracy_std=statistics.stdev(accuracy) if len(accuracy) > 1 else None,
-                best_accuracy=_mean(values("best_test_accuracy", 100.0)),
+                best_accuracy=_mean(values(headline.best_key, headline.scale)),
                 samples_per_s=_mean(values("samples_per_s")),
                 forward_ms=_mean(values("forward_ms")), backward_ms=_mean(values("backward_ms")),
                 memory_bytes=_mean(values(memory_key)),
@@ -254,6 +289,7 @@ class Table:
     memory_note: str
     papers: dict[str, dict[str, Any]]
     titles: dict[str, str]
+    headline: Headline = field(default_factory=Headline)
 
 
 def default_baseline(rows: list[Row]) -> str:
@@ -272,7 +308,8 @@ def build_table(sweep: Path, paper_names: list[str] | None = None) -> Table:
     meta = table_meta(sweep, folders)
     rows = build_rows([load_run(folder) for folder in folders], meta)
     memory_key, memory_note = memory_measure([run for row in rows for run in row.runs])
-    stats = {row.id: row_stats(row, memory_key) for row in rows}
+    headline = Headline.from_meta(meta)
+    stats = {row.id: row_stats(row, memory_key, headline) for row in rows}
     baseline = str(meta.get("baseline") or default_baseline(rows))
     base = stats.get(baseline)
     for row_stat in stats.values():
@@ -281,7 +318,7 @@ def build_table(sweep: Path, paper_names: list[str] | None = None) -> Table:
     names = list(meta.get("papers") or []) if paper_names is None else paper_names
     papers, titles = load_papers(names)
     return Table(sweep=sweep, meta=meta, rows=rows, stats=stats, baseline=baseline,
-                 memory_note=memory_note, papers=papers, titles=titles)
+                 memory_note=memory_note, papers=papers, titles=titles, headline=headline)
 
 
 def _number(value: float | None, digits: int = 2) -> str:
@@ -312,7 +349,8 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
 def main_table(table: Table) -> list[str]:
     """Our accuracy and ratios, each beside the paper's."""
     base = table.baseline
-    header = ["row", "method", "runs", "test acc. %", "best-epoch acc. %", "paper acc. %",
+    h = table.headline
+    header = ["row", "method", "runs", h.label, h.best_label, f"paper {h.paper_key}",
               f"train speed (x {base})", "paper", f"backward speed (x {base})", "paper",
               f"memory (x {base}) [1]", "paper"]
     body = []
@@ -320,7 +358,7 @@ def main_table(table: Table) -> list[str]:
         s = table.stats[row.id]
         runs = f"{len(row.completed)}/{row.expected or len(row.runs)}"
         body.append([row.label, _methods(row), runs, _accuracy(s), _number(s["best_accuracy"]),
-                     _paper(table, row, "accuracy"),
+                     _paper(table, row, h.paper_key),
                      _number(s["train_speed"]), _paper(table, row, "train_speed"),
                      _number(s["backward_speed"]), _paper(table, row, "backward_speed"),
                      _number(s["peak_memory"]), _paper(table, row, "peak_memory")])
@@ -366,8 +404,9 @@ def runs_section(table: Table) -> list[str]:
 def notes(table: Table) -> list[str]:
     """What each number means, and where the papers' numbers come from."""
     lines = [
-        "Accuracy: final-epoch test accuracy, mean ± sample standard deviation over the completed "
-        "seeds; best-epoch: the best evaluated epoch (the phantom paper's protocol).",
+        f"{table.headline.label}: the final evaluation's `{table.headline.key}`, mean ± sample "
+        f"standard deviation over the completed seeds; {table.headline.best_label}: "
+        f"`{table.headline.best_key}`, the best evaluated epoch (the phantom paper's protocol).",
         f"Ratios to the row '{table.baseline}', from the means over seeds: train speed = samples/s"
         f" / {table.baseline}'s; backward speed = {table.baseline}'s backward ms / the row's; "
         f"memory = the row's bytes / {table.baseline}'s. Timings are means per training step, "
@@ -392,7 +431,8 @@ def render_markdown(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-CSV_FIELDS = ("row", "label", "method", "completed", "expected", "accuracy", "accuracy_std",
+CSV_FIELDS = ("row", "label", "method", "metric", "completed", "expected", "accuracy",
+              "accuracy_std",
               "best_accuracy", "samples_per_s", "forward_ms", "backward_ms", "memory_bytes",
               "forward_nstep", "backward_nstep", "train_speed", "backward_speed", "peak_memory",
               "paper", "paper_accuracy", "paper_train_speed", "paper_backward_speed",
@@ -406,12 +446,13 @@ def csv_rows(table: Table) -> list[dict[str, Any]]:
         paper = table.papers.get(row.id, {})
         left_out = [f"seed{run.seed}:{run.status}" for run in row.runs if run.status != COMPLETED]
         left_out += [f"seed{seed}:missing" for seed in row.missing_seeds]
-        record = dict(row=row.id, label=row.label, method=_methods(row),
+        record = dict(row=row.id, label=row.label, method=_methods(row), metric=table.headline.key,
                       completed=len(row.completed), expected=row.expected or len(row.runs),
                       paper=paper.get("paper", ""), not_averaged=";".join(left_out))
         record.update({k: v for k, v in table.stats[row.id].items() if k in CSV_FIELDS})
         record.update({f"paper_{k}": paper.get(k) for k in
-                       ("accuracy", "train_speed", "backward_speed", "peak_memory")})
+                       ("train_speed", "backward_speed", "peak_memory")})
+        record["paper_accuracy"] = paper.get(table.headline.paper_key)
         records.append(record)
     return records
 

@@ -4,7 +4,9 @@
 
 All timings are medians over --repeats runs in this one process; ratios compare methods run
 side by side. f: state 24 x 16 x 16, batch 32, conv3x3 to 5x channels, GroupNorm, ReLU, conv3x3
-back, + injection, GroupNorm; weight norm on both convs.
+back, + injection, GroupNorm; weight norm on both convs. The solver table is repeated on a 4x
+larger state (24 x 32 x 32); overhead = solver time outside f, in percent of the time in f and
+in microseconds per step (per f evaluation).
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def solver_rows(f, z0, args, device) -> list[dict]:
         rows.append(dict(solver=label, forward_ms=forward_ms, f_evals=evals,
                          ms_per_f=forward_ms / evals, in_f_ms=in_f,
                          overhead=forward_ms / in_f - 1, vs_bare_f=forward_ms / (evals * f_ms) - 1,
-                         bare_f_ms=f_ms))
+                         overhead_us_per_step=1e3 * (forward_ms - in_f) / evals,
+                         bare_f_ms=f_ms, state=tuple(z0.shape)))
     return rows
 
 
@@ -203,15 +206,23 @@ def print_ratios(rows: list[dict], label: str, names: tuple, value: str, what: s
             print(f"ours/torchdeq {what} time, {name}: {ratio:.2f}x")
 
 
-def print_tables(solvers: list[dict], grads: list[dict], depth: dict) -> None:
-    print(f"bare f evaluation: {solvers[0]['bare_f_ms']:.2f} ms")
+def print_solver_table(solvers: list[dict]) -> None:
+    """One state size: forward time, f evaluations, overhead outside f (percent and us/step)."""
+    print(f"\nstate {solvers[0]['state']}: bare f evaluation {solvers[0]['bare_f_ms']:.2f} ms")
     print(f"{'solver':<20}{'forward ms':>12}{'f evals':>9}{'ms/f-eval':>11}{'in f ms':>9}"
-          f"{'overhead':>10}{'vs bare f':>11}")
+          f"{'overhead':>10}{'us/step':>9}{'vs bare f':>11}")
     for r in solvers:
         print(f"{r['solver']:<20}{r['forward_ms']:>12.1f}{r['f_evals']:>9.1f}"
               f"{r['ms_per_f']:>11.2f}{r['in_f_ms']:>9.1f}{r['overhead']:>10.1%}"
-              f"{r['vs_bare_f']:>11.1%}")
+              f"{r['overhead_us_per_step']:>9.0f}{r['vs_bare_f']:>11.1%}")
     print_ratios(solvers, "solver", ("anderson", "broyden"), "forward_ms", "forward")
+
+
+def print_tables(solvers: list[list[dict]], grads: list[dict], depth: dict) -> None:
+    for rows in solvers:
+        print_solver_table(rows)
+    if not grads:
+        return
     print(f"\n{'grad':<26}{'backward ms':>12}{'speed-up vs implicit':>22}{'saved MB':>10}")
     for r in grads:
         print(f"{r['grad']:<26}{r['backward_ms']:>12.1f}{r['speedup_vs_implicit']:>21.1f}x"
@@ -230,15 +241,24 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=5, help="Anderson history (both libraries)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--base-only", action="store_true", help="skip the 4x larger state")
+    parser.add_argument("--solvers-only", action="store_true", help="skip the gradient tables")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     cell = ConvCell().to(device)
+    solvers = []
+    for side in (16, 32)[: 1 if args.base_only else 2]:
+        x = torch.randn(32, 3, side, side, device=device)
+        z0 = torch.zeros(32, 24, side, side, device=device)
+        with torch.no_grad():
+            f = cell.closure(x)
+        solvers.append(solver_rows(f, z0, args, device))
     x = torch.randn(32, 3, 16, 16, device=device)
     z0 = torch.zeros(32, 24, 16, 16, device=device)
-    with torch.no_grad():
-        f = cell.closure(x)
-    solvers = solver_rows(f, z0, args, device)
+    if args.solvers_only:
+        print_tables(solvers, [], {})
+        return
     grads = grad_rows(cell, x, z0, args, device)
     depth = depth_check(cell, x, z0, args, device)
     print_tables(solvers, grads, depth)

@@ -151,8 +151,9 @@ def test_trains_on_the_local_cifar10_subset(tmp_path, shared_data):
 
 
 def test_a_fresh_run_reusing_a_name_starts_its_logs_anew(tmp_path):
-    for _ in range(2):
-        assert deqrun([*FAST, "run_name=twice"], tmp_path).returncode == 0
+    for overwrite in ("false", "true"):
+        result = deqrun([*FAST, "run_name=twice", f"trainer.overwrite={overwrite}"], tmp_path)
+        assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "outputs" / "runs" / "twice"
     assert len((run_dir / "steps.jsonl").read_text().splitlines()) == 2
     assert len(metrics(run_dir)["history"]) == 1

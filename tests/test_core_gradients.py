@@ -180,3 +180,18 @@ def test_jacobian_penalty_is_reported_and_differentiable(setup):
     assert stats.jac_loss is not None and stats.jac_loss.ndim == 0
     (grad_W,) = torch.autograd.grad(stats.jac_loss, [layer.W])
     assert float(grad_W.abs().sum()) > 0
+
+
+def test_jacobian_free_refine_moves_towards_exact():
+    layer = make_tanh_layer(width=60, batch=4, spectral_norm=0.95, seed=6, normal=False)
+    z_star = layer.fixed_point().detach()
+    cot = torch.randn(4, 60, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    exact = layer.param_grads(z_star, dense_adjoint(layer.jacobians(z_star), cot))
+    opts = dict(solver="broyden", grad="jacobian_free", f_max_iter=25, f_tol=1e-8,
+                stop_mode="abs")
+    plain, _ = deq_grads(layer, DEQ(**opts), cot)
+    refined, stats = deq_grads(layer, DEQ(refine=2, **opts), cot)
+    long, _ = deq_grads(layer, DEQ(refine=30, refine_tol=1e-12, **opts), cot)
+    assert stats.backward is not None and stats.backward.n_f_evals == 3
+    assert cosine(plain, exact) < cosine(refined, exact) < cosine(long, exact)
+    assert cosine(long, exact) > 0.99999

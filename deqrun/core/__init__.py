@@ -6,6 +6,7 @@ It knows nothing of data, tasks, models, Hydra or loggers.
 from .deq import DEQ, DEQStats
 from .gradients import GRADIENTS, register_gradient
 from .jacobian import jacobian_penalty, spectral_radius
+from .jiio import JIIO, InputProblem, JIIOOptions, JIIOResult, joint_solve
 from .norm import apply_spectral_norm, apply_weight_norm, reset_norms
 from .solvers import (
     SOLVERS,
@@ -18,8 +19,9 @@ from .solvers import (
 from .state import StateLayout
 
 __all__ = [
-    "DEQ", "DEQStats", "GRADIENTS", "SOLVERS", "LowRankInverse", "SolverResult", "StateLayout",
+    "DEQ", "DEQStats", "GRADIENTS", "InputProblem", "JIIO", "JIIOOptions", "JIIOResult",
+    "SOLVERS", "LowRankInverse", "SolverResult", "StateLayout",
     "apply_spectral_norm", "apply_weight_norm", "check_solver_options", "jacobian_penalty",
     "register_gradient", "register_solver", "reset_norms", "solver_option_names",
-    "spectral_radius",
+    "joint_solve", "spectral_radius",
 ]

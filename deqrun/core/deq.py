@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -131,13 +132,20 @@ class DEQ(nn.Module):
         return solver_options, grad_options
 
     def solve(self, f: Callable[[State], State], z0: State, max_iter: int,
-              tol: float) -> SolverResult:
-        """The forward solve alone (no graph); inside reuse_forward(), the first solve's result."""
+              tol: float, outer_grad: Callable[[State], State] | None = None) -> SolverResult:
+        """The forward solve alone (no graph); inside reuse_forward(), the first solve's result.
+
+        outer_grad (state -> dL/dz) reaches solvers that use it (broyden with opa_every > 0).
+        """
         if self._reused:
             return self._reused[0][2]
+        options = dict(self.solver_options)
+        if outer_grad is not None and "outer_grad" in inspect.signature(
+                SOLVERS[self.solver_name].__wrapped__).parameters:
+            options["outer_grad"] = outer_grad
         with torch.no_grad():
             result = SOLVERS[self.solver_name](f, z0, max_iter=max_iter, tol=tol,
-                                               stop_mode=self.stop_mode, **self.solver_options)
+                                               stop_mode=self.stop_mode, **options)
         if self._reused is not None:
             self._reused.append((f, z0, result))
         return result
@@ -167,11 +175,13 @@ class DEQ(nn.Module):
             self._reused = None
 
     def forward(self, f: Callable[[State], State], z0: State, pretrain: bool = False,
+                outer_grad: Callable[[State], State] | None = None,
                 max_iter: int | None = None) -> tuple[State, DEQStats]:
-        """Solve from z0; max_iter, if given, replaces this call's forward budget.
+        """Solve (and in training attach the gradient method); outer_grad: see solve().
 
-        A smaller budget serves amortised solves: warm-started at the previous training step's
-        fixed point, one solver step per training step follows the moving fixed point.
+        max_iter, if given, replaces this call's forward budget. A smaller budget serves
+        amortised solves: warm-started at the previous training step's fixed point, one solver
+        step per training step follows the moving fixed point.
         """
         if pretrain:
             return self.unrolled(f, z0)
@@ -180,7 +190,10 @@ class DEQ(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             result = self.solve(f, z0, int(max_iter or self.eval_f_max_iter), self.eval_f_tol)
             return result.z, DEQStats(result)
-        result = self.solve(f, z0, int(max_iter or self.f_max_iter), self.f_tol)
+        if self.solver_options.get("opa_every", 0) > 0 and outer_grad is None:
+            raise ValueError("opa_every > 0 needs the outer-loss gradient: "
+                             "deq(f, z0, outer_grad=...)")
+        result = self.solve(f, z0, int(max_iter or self.f_max_iter), self.f_tol, outer_grad)
         layout = StateLayout.of(z0)
         flat_f = layout.flat_map(f)
         z_star = layout.flatten(result.z)

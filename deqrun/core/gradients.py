@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .solvers import SOLVERS, STOP_MODES, SolverResult, check_solver_options
+from .state import State
 
 GRADIENTS: dict[str, type] = {}
 FlatMap = Callable[[torch.Tensor], torch.Tensor]
@@ -86,10 +87,12 @@ class Implicit:
         check_solver_options(self.b_solver, dict(self.b_solver_options))
         self._last_w: torch.Tensor | None = None
 
-    def solve_adjoint(self, vjp: FlatMap, grad: torch.Tensor) -> SolverResult:
-        """Solve w = vjp(w) + grad."""
+    def solve_adjoint(self, vjp: FlatMap, grad: torch.Tensor,
+                      w0: torch.Tensor | None = None) -> SolverResult:
+        """Solve w = vjp(w) + grad, from w0 when given (e.g. JIIO's adjoint estimate)."""
         warm = self._last_w is not None and self._last_w.shape == grad.shape
-        w0 = self._last_w if (self.b_warm_start and warm) else grad
+        if w0 is None:
+            w0 = self._last_w if (self.b_warm_start and warm) else grad
         result = SOLVERS[self.b_solver](
             lambda w: vjp(w) + grad, w0, max_iter=self.b_max_iter, tol=self.b_tol,
             stop_mode=self.b_stop_mode, **self.b_solver_options)
@@ -152,10 +155,37 @@ class NPG:
 
 @register_gradient("jacobian_free")
 class JacobianFree:
-    """Jacobian-free backprop (JFB): w = grad, i.e. backpropagate through one call f(z*)."""
+    """Jacobian-free backprop (JFB): w = grad, i.e. backpropagate through one call f(z*).
+
+    refine > 0: that many backward Broyden steps on w = J^T w + grad, warm-started at w = grad
+    (SHINE's "JF refine" rows).
+    """
+
+    refine: int = 0
+    refine_tol: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check(self.refine >= 0, f"refine must be >= 0, got {self.refine}")
+        _check(self.refine_tol > 0, f"refine_tol must be > 0, got {self.refine_tol}")
 
     def attach(self, f: FlatMap, z_star: torch.Tensor, result: SolverResult, stats) -> torch.Tensor:
-        return f(z_star.detach())
+        if self.refine == 0:
+            return f(z_star.detach())
+        z_in, z_out = _f_with_graph(f, z_star)
+        vjp = _vjp(z_out, z_in)
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            stats.backward = _refine(vjp, grad, grad, self.refine, self.refine_tol)
+            return stats.backward.z
+
+        return _hooked(z_out, hook)
+
+
+def _refine(vjp: FlatMap, grad: torch.Tensor, w0: torch.Tensor, steps: int, tol: float,
+            init_lowrank: tuple | None = None) -> SolverResult:
+    """`steps` backward Broyden steps on w = vjp(w) + grad from w0 (steps + 1 VJPs)."""
+    return SOLVERS["broyden"](lambda x: vjp(x) + grad, w0, max_iter=steps + 1, tol=tol,
+                              stop_mode="rel", init_lowrank=init_lowrank)
 
 
 @register_gradient("shine")
@@ -196,9 +226,25 @@ class Shine:
             if self.refine == 0:
                 return w
             u, v = result.lowrank.masked()
-            stats.backward = SOLVERS["broyden"](
-                lambda x: vjp(x) + grad, w, max_iter=self.refine + 1, tol=self.refine_tol,
-                stop_mode="rel", init_lowrank=(v, u))
+            stats.backward = _refine(vjp, grad, w, self.refine, self.refine_tol, (v, u))
             return stats.backward.z
 
         return _hooked(z_out, hook)
+
+
+def outer_gradient(loss: Callable[[State], torch.Tensor]) -> Callable[[State], State]:
+    """Turn a scalar outer loss of the DEQ state into z -> dL/dz, for DEQ(..., outer_grad=...).
+
+    The returned callable runs with autograd on (even inside the graph-free forward solve) and
+    returns detached gradients, shaped like the state (a tensor or a list of tensors).
+    """
+
+    def grad_of(z: State) -> State:
+        leaves = [t.detach().requires_grad_() for t in (z if isinstance(z, list) else [z])]
+        with torch.enable_grad():
+            value = loss(leaves if isinstance(z, list) else leaves[0])
+            grads = torch.autograd.grad(value, leaves, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+        return grads if isinstance(z, list) else grads[0]
+
+    return grad_of

@@ -3,7 +3,11 @@
 Each solver is a plain function `solve(f, z0, *, max_iter, tol, stop_mode, **options)` returning a
 `SolverResult`. The residual of an iterate z is ||f(z) - z|| per sample (abs) or that divided by
 ||f(z)|| (rel); every sample returns its own lowest-residual iterate, not the last one.
-`max_iter` counts evaluations of f.
+`max_iter` counts evaluations of f (line-search trials included).
+
+Every solver also stops a stalled solve (the reference codes' test): after STALL_WINDOW steps, a
+sample whose last residual is under STALL_TOL_FACTOR x tol and whose last STALL_WINDOW residuals
+lie within a factor STALL_RATIO of each other counts as done.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ SOLVERS: dict[str, Callable[..., SolverResult]] = {}
 STOP_MODES = ("abs", "rel")
 REL_EPS = 1e-8
 EXPLODE_FACTOR = 1e6
+STALL_WINDOW, STALL_TOL_FACTOR, STALL_RATIO = 30, 3.0, 1.3
 
 
 @dataclass
@@ -79,6 +84,15 @@ class SolverResult:
     def trace(self) -> torch.Tensor:
         return self.rel_trace if self.stop_mode == "rel" else self.abs_trace
 
+    @property
+    def steps_to_tol(self) -> torch.Tensor:
+        """Per sample, the first f evaluation (1-based) whose residual is <= tol; the number of
+        evaluations made when none is. Unlike nstep (the best iterate's index, which keeps moving
+        while the rest of the batch iterates), this is the work the sample itself needed."""
+        under = self.trace <= self.tol
+        return torch.where(under.any(dim=0), under.to(torch.uint8).argmax(dim=0) + 1,
+                           self.trace.shape[0])
+
 
 def _lowrank_apply(left: torch.Tensor, right: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """sum_j left_j (right_j . x) for (batch, n, dim) pairs; zero when n == 0."""
@@ -114,6 +128,7 @@ class _Tracker:
         self.abs_trace: list[torch.Tensor] = []
         self.rel_trace: list[torch.Tensor] = []
         self.improved = torch.zeros(batch, dtype=torch.bool, device=z0.device)
+        self.above = torch.zeros(batch, dtype=torch.long, device=z0.device)
 
     def best(self) -> torch.Tensor:
         return self.best_rel if self.stop_mode == "rel" else self.best_abs
@@ -138,14 +153,25 @@ class _Tracker:
         self.nstep = torch.where(self.improved, len(self.abs_trace), self.nstep)
         if self.first is None:
             self.first = res
-        done = (self.best() <= self.tol) | self.diverged
+        done = (self.best() <= self.tol) | self.diverged | self.stalled()
         all_done, any_nonfinite = torch.stack([done.all(), (~finite).any()]).tolist()
         return bool(all_done or any_nonfinite)
 
-    def exploded(self) -> torch.Tensor:
-        """Samples whose last residual exceeds EXPLODE_FACTOR x the first one."""
+    def stalled(self) -> torch.Tensor:
+        """Samples near tol (< STALL_TOL_FACTOR tol) that made no progress in STALL_WINDOW steps."""
+        trace = self.rel_trace if self.stop_mode == "rel" else self.abs_trace
+        if len(trace) <= STALL_WINDOW:
+            return torch.zeros_like(self.diverged)
+        recent = torch.stack(trace[-STALL_WINDOW:])
+        flat = recent.max(dim=0).values < STALL_RATIO * recent.min(dim=0).values
+        return flat & (recent[-1] < STALL_TOL_FACTOR * self.tol)
+
+    def exploded(self, patience: int = 1) -> torch.Tensor:
+        """Samples whose last `patience` residuals all exceed EXPLODE_FACTOR x the first one."""
         last = self.abs_trace[-1] if self.stop_mode == "abs" else self.rel_trace[-1]
-        return last > EXPLODE_FACTOR * self.first.clamp_min(torch.finfo(last.dtype).tiny)
+        above = last > EXPLODE_FACTOR * self.first.clamp_min(torch.finfo(last.dtype).tiny)
+        self.above = torch.where(above, self.above + 1, 0)
+        return self.above >= patience
 
     def result(self, layout: StateLayout, n_f_evals: int,
                lowrank: LowRankInverse | None = None) -> SolverResult:
@@ -160,7 +186,8 @@ class _Tracker:
 def register_solver(name: str):
     """Register a solver written on flat (batch, dim) states under `name`.
 
-    The registered function accepts a tensor or a list of tensors and flattens them itself.
+    The registered function accepts a tensor or a list of tensors and flattens them itself
+    (and the run-time `outer_grad` callable, state -> dL/dz, when given).
     """
 
     def wrap(flat_solver: Callable[..., SolverResult]) -> Callable[..., SolverResult]:
@@ -171,6 +198,8 @@ def register_solver(name: str):
                 raise ValueError(f"max_iter must be >= 1, got {max_iter}")
             layout = StateLayout.of(z0)
             tracker = _Tracker(layout.flatten(z0).detach(), tol, stop_mode)
+            if options.get("outer_grad") is not None:
+                options["outer_grad"] = layout.flat_map(options["outer_grad"])
             return flat_solver(layout.flat_map(f), tracker.best_z.clone(), int(max_iter),
                                tracker, layout, **options)
 
@@ -182,7 +211,7 @@ def register_solver(name: str):
 
 def solver_option_names(name: str) -> list[str]:
     """The options a user may set for a registered solver (beyond max_iter, tol, stop_mode)."""
-    internal = ("f", "z", "max_iter", "tracker", "layout", "init_lowrank")
+    internal = ("f", "z", "max_iter", "tracker", "layout", "init_lowrank", "outer_grad")
     return [p for p in inspect.signature(SOLVERS[name].__wrapped__).parameters if p not in internal]
 
 
@@ -268,46 +297,138 @@ def _anderson_weights(gram: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 @register_solver("broyden")
-def broyden(f, z, max_iter, tracker, layout, *, mem: int | None = None,
-            init_lowrank: tuple | None = None) -> SolverResult:
-    """'Good' Broyden on g(z) = f(z) - z with a circular memory of `mem` rank-one pairs.
+def broyden(f, z, max_iter, tracker, layout, *, mem: int | None = None, line_search: bool = False,
+            update: str = "good", opa_every: int = 0, explode_patience: int = 3,
+            init_lowrank: tuple | None = None, outer_grad: Callable | None = None) -> SolverResult:
+    """Broyden's method on g(z) = f(z) - z with a circular memory of `mem` rank-one pairs
+    (default: room for every update of the solve, OPA ones included).
 
-    `init_lowrank=(u, v)` ((batch, r, dim) each) starts from B = -I + sum u_j v_j^T instead of -I
-    (those r pairs are kept for the whole solve). Samples whose residual explodes (> 1e6 x the
-    first) are frozen and marked diverged (protective break); the solve ends when every sample
-    is done.
-
-    Every step is the full quasi-Newton step p = -B g, so the update needs one product with B
-    and one with B^T: with q = B g_new and v = B^T p, the new pair is u = -q / (v . dg), and the
-    next step is a multiple of q (see _BroydenMemory.update).
+    update: "good" (secant B dg = dz) or "adjoint" (Schlenkrich et al.'s type C: one VJP per step,
+    adjoint secant (sigma^T J_g) B = sigma^T along the residual sigma = g).
+    opa_every > 0 (outer-problem awareness): given the run-time `outer_grad(z) -> dL/dz`, every
+    opa_every steps an extra adjoint update along sigma = B^T dL/dz, so that SHINE's -dL/dz^T B
+    is right in that direction (without outer_grad, e.g. in evaluation, there is none).
+    line_search: per-sample backtracking (Armijo on ||g||^2).
+    `init_lowrank=(u, v)` starts from B = -I + sum u_j v_j^T (pairs kept for the whole solve).
+    A sample whose residual stays above 1e6 x the first for `explode_patience` consecutive steps
+    is frozen and marked diverged (protective break); the solve ends when every sample is done.
     """
-    mem = max_iter - 1 if mem is None else int(mem)
-    if mem < 1:
-        raise ValueError(f"broyden mem must be >= 1, got {mem}")
-    memory = _BroydenMemory(z, min(mem, max(max_iter - 1, 1)), init_lowrank)
-    fz = f(z)
-    g = fz - z
-    done = tracker.update(z, fz, g)
-    step = memory.matvec(g).neg_()
+    _check_broyden(mem, update, opa_every, explode_patience, line_search)
+    opa_every = opa_every if outer_grad is not None else 0
+    most = max(max_iter - 1, 1) + (max_iter // opa_every if opa_every else 0)
+    memory = _BroydenMemory(z, most if mem is None else min(int(mem), most), init_lowrank)
+    def graph(step_index: int) -> bool:
+        """Whether the iterate reached at this step needs VJPs (adjoint or OPA update there)."""
+        return update == "adjoint" or (opa_every > 0 and (step_index + 1) % opa_every == 0)
+
+    point = _Point.at(f, z, graph(0))
+    done = tracker.update(point.z, point.fz, point.g)
+    step = memory.matvec(point.g).neg_()
     frozen = torch.zeros_like(tracker.diverged)
-    for _ in range(max_iter - 1):
-        if done:
-            break
-        z = z + step
-        fz = f(z)
-        g_new = fz - z
-        done = tracker.update(z, fz, g_new)
-        tracker.diverged |= tracker.exploded()
+    steps = 0
+    while not done and len(tracker.abs_trace) < max_iter:
+        steps += 1
+        if opa_every and steps % opa_every == 0:
+            step = memory.opa_update(point, outer_grad(point.z), tracker.improved, frozen)
+        new, scale, done = _advance(f, point, step, tracker, max_iter, line_search, graph(steps))
+        tracker.diverged |= tracker.exploded(explode_patience)
         frozen |= tracker.diverged
-        any_frozen, all_done = torch.stack(
-            [frozen.any(), (frozen | (tracker.best() <= tracker.tol)).all()]).tolist()
+        all_done = bool((frozen | (tracker.best() <= tracker.tol)).all())
         done = done or all_done
-        step = memory.update(step, g.sub_(g_new).neg_(), g_new, tracker.improved)
-        if any_frozen:
-            step.masked_fill_(frozen.unsqueeze(1), 0.0)
-        g = g_new
-    lowrank = memory.lowrank()
-    return tracker.result(layout, len(tracker.abs_trace), lowrank)
+        if update == "good":
+            step = memory.update(step, scale, new.g - point.g, new.g, tracker.improved)
+        else:
+            step = memory.adjoint_update(new, new.g, tracker.improved)
+        step.masked_fill_(frozen.unsqueeze(1), 0.0)
+        point = new
+    return tracker.result(layout, len(tracker.abs_trace), memory.lowrank())
+
+
+def _check_broyden(mem, update, opa_every, explode_patience, line_search) -> None:
+    if mem is not None and int(mem) < 1:
+        raise ValueError(f"broyden mem must be >= 1, got {mem}")
+    if update not in ("good", "adjoint"):
+        raise ValueError(f"broyden update must be 'good' or 'adjoint', got {update!r}")
+    if opa_every < 0 or explode_patience < 1:
+        raise ValueError("broyden needs opa_every >= 0 and explode_patience >= 1")
+    if line_search and (update == "adjoint" or opa_every > 0):
+        raise ValueError("broyden line_search works with update='good' and no OPA only")
+
+
+@dataclass
+class _Point:
+    """An iterate z with fz = f(z), g = fz - z, and, when built with a graph, w -> w^T J_g."""
+
+    z: torch.Tensor
+    fz: torch.Tensor
+    g: torch.Tensor
+    vjp: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @classmethod
+    def at(cls, f: Callable, z: torch.Tensor, graph: bool = False) -> _Point:
+        if not graph:
+            fz = f(z)
+            return cls(z, fz, fz - z)
+        z_in = z.detach().requires_grad_()
+        with torch.enable_grad():
+            fz = f(z_in)
+
+        def vjp(w: torch.Tensor) -> torch.Tensor:
+            return torch.autograd.grad(fz, z_in, w, retain_graph=True)[0] - w
+
+        fz_value = fz.detach()
+        return cls(z, fz_value, fz_value - z, vjp if fz.requires_grad else (lambda w: -w))
+
+
+def _advance(f, point: _Point, step, tracker, max_iter, line_search, graph):
+    """The next iterate along `step` (full step, or backtracked per sample); (point, scale, done).
+
+    scale is None for the full step, else the (batch, 1) step lengths taken.
+    """
+    new = _Point.at(f, point.z + step, graph)
+    done = tracker.update(new.z, new.fz, new.g)
+    if not line_search:
+        return new, None, done
+    return _backtrack(f, point, step, new, tracker, max_iter, done)
+
+
+ARMIJO_C1, MIN_STEP = 1e-4, 1e-2
+
+
+def _backtrack(f, point: _Point, step, new: _Point, tracker, max_iter, done):
+    """Armijo backtracking on phi(s) = ||g(z + s step)||^2 with phi'(0) taken as -phi(0).
+
+    Failing samples move to the minimiser of the quadratic through phi(0), phi'(0), phi(s),
+    kept within [0.1 s, 0.5 s], until the test passes; a sample whose s falls under MIN_STEP (or
+    whose budget ends first) takes the full step, as the reference codes do (keeping the shortest
+    trial instead stalls Broyden on 4 of the 10 classic problems). Every trial is recorded by the
+    tracker.
+    """
+    phi0 = point.g.square().sum(dim=1, keepdim=True)
+    scale, full = torch.ones_like(phi0), new
+    phi = new.g.square().sum(dim=1, keepdim=True)
+    improved = tracker.improved.clone()
+    failing = phi > (1 - ARMIJO_C1) * phi0
+    while bool(failing.any()) and not done and len(tracker.abs_trace) < max_iter:
+        quadratic = phi0 * scale**2 / (2 * (phi - phi0 + phi0 * scale)).clamp_min(1e-300)
+        trial_scale = torch.minimum(torch.maximum(quadratic, 0.1 * scale), 0.5 * scale)
+        scale = torch.where(failing, torch.nan_to_num(trial_scale, nan=0.1), scale)
+        trial = _Point.at(f, point.z + scale * step, False)
+        done = tracker.update(trial.z, trial.fz, trial.g)
+        improved |= tracker.improved
+        new = _merge(failing, trial, new)
+        phi = torch.where(failing, trial.g.square().sum(dim=1, keepdim=True), phi)
+        failing = failing & (phi > (1 - ARMIJO_C1 * scale) * phi0)
+        give_up = failing & (scale < MIN_STEP)
+        new, scale = _merge(give_up, full, new), torch.where(give_up, 1.0, scale)
+        failing = failing & ~give_up
+    tracker.improved = improved
+    return _merge(failing, full, new), torch.where(failing, 1.0, scale), done
+
+
+def _merge(mask: torch.Tensor, a: _Point, b: _Point) -> _Point:
+    """Per sample, a where mask (batch, 1) else b."""
+    return _Point(*(torch.where(mask, x, y) for x, y in ((a.z, b.z), (a.fz, b.fz), (a.g, b.g))))
 
 
 class _BroydenMemory:
@@ -335,24 +456,53 @@ class _BroydenMemory:
         """x^T B = -x + sum_j v_j (u_j . x)."""
         return _minus_plus_lowrank(x, self.v[:, self.active()], self.u[:, self.active()])
 
-    def update(self, step, dg, g_new, improved) -> torch.Tensor:
-        """Add the pair of the step just taken (dz = step, dg); return the next step -B_new g_new.
-
-        With dz = -B g: B dg = B g_new + dz, so u = (dz - B dg) / (v . dg) = -q / (v . dg) with
-        q = B g_new, and B_new g_new = q + u (v . g_new) = q (1 - v . g_new / v . dg).
-        """
-        q = self.matvec(g_new)
-        v = self.rmatvec(step)
-        denom = _rowdot(v, dg)
-        tiny = torch.finfo(denom.dtype).tiny ** 0.5
-        denom = torch.where(denom.abs() > tiny, denom, torch.inf)
+    def _store(self, u: torch.Tensor, v: torch.Tensor, improved: torch.Tensor) -> bool:
+        """Write the pair into the next circular slot; True when it replaced an active pair."""
         slot = self.n_init + self.count % self.mem
-        torch.div(q, denom.neg(), out=self.u[:, slot])
-        self.v[:, slot] = v
+        replaced = self.count >= self.mem
+        self.u[:, slot], self.v[:, slot] = u, v
         self.count += 1
         self.slot_update[slot] = self.count
         self.count_at_best = torch.where(improved, self.count, self.count_at_best)
-        return q.mul_(_rowdot(v, g_new).div_(denom).sub_(1.0))
+        return replaced
+
+    def update(self, step, scale, dg, g_new, improved) -> torch.Tensor:
+        """Good-Broyden pair of the step just taken (dz = scale step, step = -B g); next step.
+
+        B dg = B g_new + step, so with q = B g_new and v = B^T dz:
+        u = (dz - B dg) / (v . dg) = ((scale - 1) step - q) / (v . dg), and
+        B_new g_new = q + u (v . g_new) (when no older pair was dropped from the memory).
+        """
+        q = self.matvec(g_new)
+        v = self.rmatvec(step if scale is None else scale * step)
+        denom = _safe_denominator(_rowdot(v, dg))
+        u = torch.div(q if scale is None else q - (scale - 1) * step, denom.neg())
+        coefficient = _rowdot(v, g_new)
+        if self._store(u, v, improved):
+            return self.matvec(g_new).neg_()
+        if scale is None:
+            return q.mul_(coefficient.div_(denom).sub_(1.0))
+        return q.add_(u * coefficient).neg_()
+
+    def adjoint_update(self, point: _Point, sigma: torch.Tensor, improved) -> torch.Tensor:
+        """Adjoint (type C) pair along sigma at point: afterwards (sigma^T J_g) B = sigma^T.
+
+        With a = B sigma and b = (sigma^T J_g) B: B_new = B + a (sigma - b)^T / (b . sigma).
+        Returns the next step -B_new g at point.
+        """
+        a = self.matvec(sigma)
+        b = self.rmatvec(point.vjp(sigma))
+        denom = _safe_denominator(_rowdot(b, sigma))
+        self._store(a, (sigma - b).div_(denom), improved)
+        return self.matvec(point.g).neg_()
+
+    def opa_update(self, point: _Point, outer_grad: torch.Tensor, improved, frozen) -> torch.Tensor:
+        """The extra OPA pair along sigma = B^T dL/dz (scaled to ||g||); the next step -B g."""
+        sigma = self.rmatvec(outer_grad.detach().reshape(point.g.shape))
+        norm = sigma.norm(dim=1, keepdim=True)
+        sigma = sigma * (point.g.norm(dim=1, keepdim=True) / norm.clamp_min(1e-30))
+        step = self.adjoint_update(point, sigma.masked_fill(frozen.unsqueeze(1), 0.0), improved)
+        return step.masked_fill_(frozen.unsqueeze(1), 0.0)
 
     def lowrank(self) -> LowRankInverse:
         s = self.active()
@@ -360,6 +510,12 @@ class _BroydenMemory:
         valid = (stamp <= self.count_at_best.unsqueeze(1)) & (stamp > 0)
         valid[:, : self.n_init] = True
         return LowRankInverse(self.u[:, s], self.v[:, s], valid)
+
+
+def _safe_denominator(denom: torch.Tensor) -> torch.Tensor:
+    """denom where it is safely away from 0, inf elsewhere (so that pair becomes 0)."""
+    tiny = torch.finfo(denom.dtype).tiny ** 0.5
+    return torch.where(denom.abs() > tiny, denom, torch.inf)
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

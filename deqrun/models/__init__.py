@@ -6,10 +6,14 @@ this package registers them all.
 
 from __future__ import annotations
 
+from . import generator as _generator  # noqa: F401  (registers mdeq_generator)
 from .base import DEQModel
 from .mdeq import MDEQ, MDEQ_SIZES, MDEQConfig, MDEQSpec, build_mdeq, resolve_mdeq_spec
 
 __all__ = ["DEQModel", "MDEQ", "MDEQ_SIZES", "MDEQConfig", "MDEQSpec", "build_mdeq",
            "resolve_mdeq_spec"]
 
-from . import inr  # noqa: E402, F401  (registers isiren and imfn)
+from . import (
+           deq_transformer,  # noqa: E402,F401  (registers model=deq_transformer)
+           inr,  # noqa: E402, F401  (registers isiren and imfn)
+)

@@ -22,6 +22,9 @@ class DEQModel(nn.Module):
     """
 
     deq: DEQ
+    # grad=jiio: the runner sets a deqrun.core.JIIO here; models of input-objective tasks use it
+    # to solve the task's InputProblem jointly with their equilibrium.
+    input_optimiser: Any = None
 
     def forward(self, inputs: Any, pretrain: bool = False) -> tuple[Any, DEQStats]:
         raise NotImplementedError

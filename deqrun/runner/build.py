@@ -13,6 +13,7 @@ from torch import nn
 from deqrun import registry
 from deqrun.config import RunConfig
 from deqrun.core import DEQ
+from deqrun.core.jiio import JIIO
 from deqrun.errors import ConfigError
 from deqrun.models.base import DEQModel
 from deqrun.tasks.base import LoaderOptions, Task
@@ -61,6 +62,8 @@ def build_model(config: RunConfig, task: Task) -> DEQModel:
     model = entry.build(config.model, DEQ(**config.deq_options()), task.model_spec())
     if not isinstance(model, DEQModel):
         raise TypeError(f"model {config.model.name!r} must build a deqrun.models.DEQModel")
+    if config.input_optimisation:
+        model.input_optimiser = JIIO(**config.grad.options())
     return model
 
 

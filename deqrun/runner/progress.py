@@ -22,7 +22,9 @@ class Progress:
 
     epoch_task: the task's metric sums over the epoch's training batches; epoch_solver: forward
     steps and residuals weighted by samples; totals: speed over timed steps (after the first step
-    of the process, outside pretraining); history: one record per finished epoch.
+    of the process, outside pretraining); history: one record per finished epoch; skipped:
+    batches skipped by trainer.on_divergence=skip_batch; recent_losses: the last finite training
+    losses (the divergence check's running median).
     """
 
     epoch: int = 0
@@ -33,6 +35,18 @@ class Progress:
     totals: dict[str, float] = field(default_factory=dict)
     peaks: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: int = 0
+    recent_losses: list[float] = field(default_factory=list)
+
+    def note_loss(self, value: float, window: int = 50) -> None:
+        """Remember a finite training loss (the divergence check's running median)."""
+        self.recent_losses = [*self.recent_losses, float(value)][-window:]
+
+    def skip_step(self) -> None:
+        """Count a batch that was skipped (no optimiser step) as consumed."""
+        self.step += 1
+        self.step_in_epoch += 1
+        self.skipped += 1
 
     def record_step(self, record: dict[str, Any], task_sums: dict[str, float]) -> None:
         """Add a finished step to the epoch sums, the peaks and (when timed) the totals."""

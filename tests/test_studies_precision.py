@@ -1,4 +1,5 @@
-"""The gradient-precision study: synthetic numbers against dense answers, the CLI, the MDEQ part."""
+"""The gradient-precision study: synthetic numbers against dense answers, the trained-checkpoint
+part on a toy model and on a real MDEQ run, the CLI."""
 
 from __future__ import annotations
 
@@ -12,14 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from studies_toy import ToyDEQ, ToyTask, dense_exact
 
-from deqrun import gradcheck
-from deqrun import precision as P
+from deqrun.core import DEQ
+from deqrun.studies import gradcheck
+from deqrun.studies.precision import checkpoint, cli, stats, study
+from deqrun.studies.precision import synthetic as S
+from deqrun.studies.precision.dynamic import read_grad_cosines
+from deqrun.studies.precision.methods import KS, LAMBDAS, method_grid
+from deqrun.tasks.base import LoaderOptions
 
 TINY_RUN = ["trainer.epochs=1", "task.subset=128", "trainer.batch_size=64", "solver.f_max_iter=5",
             "trainer.precision_every=1", "run_name=t", "trainer.threads=1"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-N_METHODS = 2 * len(P.KS) * len(P.LAMBDAS) + 3
+N_METHODS = 2 * len(KS) * len(LAMBDAS) + 3
 
 
 def run_module(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -45,8 +52,8 @@ def cosine_of(rows: list[dict], method: str, k=None, lam=None, **where) -> float
 @pytest.fixture(scope="module")
 def synthetic() -> list[dict]:
     """The full method grid at width 24, spectral norms 0.5 and 0.9, two seeds."""
-    with P.torch_threads(1):
-        return P.synthetic_study([24], [0.5, 0.9], 2, P.method_grid(), batch=4)
+    with study.torch_threads(1):
+        return S.synthetic_study([24], [0.5, 0.9], 2, method_grid(), batch=4)
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +66,17 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 def test_layer_has_the_asked_spectral_norm():
-    layer = P.make_layer(20, 0.7, seed=3, batch=2)
+    layer = S.make_layer(20, 0.7, seed=3, batch=2)
     assert float(torch.linalg.matrix_norm(layer.W.detach(), 2)) == pytest.approx(0.7, rel=1e-12)
 
 
 def test_exact_gradient_matches_autograd_through_a_long_unroll():
-    layer = P.make_layer(12, 0.5, seed=1, batch=3)
+    layer = S.make_layer(12, 0.5, seed=1, batch=3)
     z = torch.zeros_like(layer.cotangent)
     for _ in range(200):
         z = layer.f(z)
     unrolled = torch.autograd.grad((z * layer.cotangent).sum(), layer.params())
-    exact = P.exact_gradient(layer, P.tight_fixed_point(layer))
+    exact = S.exact_gradient(layer, S.tight_fixed_point(layer))
     for u, e in zip(unrolled, exact):
         assert float((u - e).norm() / e.norm()) < 1e-10
 
@@ -80,7 +87,7 @@ def test_synthetic_grid_has_every_row(synthetic):
     assert len(keys) == len(synthetic)
     for name in ("upg", "npg"):
         grid = {(r["k"], r["lambda"]) for r in synthetic if r["method"] == name}
-        assert grid == {(k, lam) for k in P.KS for lam in P.LAMBDAS}
+        assert grid == {(k, lam) for k in KS for lam in LAMBDAS}
     assert {"shine", "shine_nofallback", "jacobian_free"} <= {r["method"] for r in synthetic}
     assert max(r["forward_residual"] for r in synthetic) < 1e-8
 
@@ -104,8 +111,8 @@ def test_large_k_with_lambda1_reaches_the_exact_gradient(synthetic):
 
 
 def test_npg_cosine_matches_a_dense_truncated_series(synthetic):
-    layer = P.make_layer(24, 0.9, seed=1, batch=4)
-    z_star = P.tight_fixed_point(layer)
+    layer = S.make_layer(24, 0.9, seed=1, batch=4)
+    z_star = S.tight_fixed_point(layer)
     slope = 1 - z_star**2
     J_T = (slope.unsqueeze(2) * layer.W.detach().unsqueeze(0)).transpose(1, 2)
     B_T = 0.5 * J_T + 0.5 * torch.eye(24, dtype=torch.float64)
@@ -114,20 +121,56 @@ def test_npg_cosine_matches_a_dense_truncated_series(synthetic):
         total = total + term
         term = (B_T @ term.unsqueeze(2)).squeeze(2)
     s = 0.5 * total * slope
-    dense = gradcheck.cosine([s.T @ z_star, s.T @ layer.x], P.exact_gradient(layer, z_star))
+    dense = gradcheck.cosine([s.T @ z_star, s.T @ layer.x], S.exact_gradient(layer, z_star))
     row = cosine_of(synthetic, "npg", 5, 0.5, spectral_norm=0.9, seed=1)
     assert row == pytest.approx(dense, abs=1e-9)
     assert dense < 1 - 1e-6
 
 
 def test_rises_and_medians():
-    assert P.rises([0.5, 0.7, 0.7, 0.9])
-    assert not P.rises([0.5, 0.9, 0.8])
-    assert not P.rises([0.5, 0.5])
+    assert stats.rises([0.5, 0.7, 0.7, 0.9])
+    assert not stats.rises([0.5, 0.9, 0.8])
+    assert not stats.rises([0.5, 0.5])
     rows = [dict(method="upg", k=5, spectral_norm=0.9, cosine=c, **{"lambda": 0.5})
             for c in (0.1, 0.9, 0.8)]
-    assert P.medians(rows, spectral_norm=0.9) == {("upg", 5, 0.5): 0.8}
-    assert P.medians(rows, spectral_norm=0.5) == {}
+    assert stats.medians(rows, spectral_norm=0.9) == {("upg", 5, 0.5): 0.8}
+    assert stats.medians(rows, spectral_norm=0.5) == {}
+
+
+def toy_checkpoint(solver: str = "anderson") -> checkpoint.Loaded:
+    """A 'trained' toy model, as load_model would return it (contraction 0.5, with dropout)."""
+    deq = DEQ(solver=solver, grad="upg", f_max_iter=200, f_tol=1e-12, stop_mode="abs")
+    return checkpoint.Loaded(ToyTask(), ToyDEQ(deq, dropout=0.2), None, torch.device("cpu"))
+
+
+def test_checkpoint_rows_of_a_toy_model_against_the_dense_answers():
+    loaded = toy_checkpoint()
+    task, model = loaded.task, loaded.model
+    methods = checkpoint.checkpoint_methods(model, method_grid(ks=[1, 20], lambdas=[1.0]))
+    assert "shine" not in {m.grad for m in methods} and methods[-1].name == "implicit"
+    batch = next(iter(task.eval_batches("test", LoaderOptions(4))))
+    rows = checkpoint.batch_rows(loaded, batch, methods)
+    assert [r["method"] for r in rows] == [m.name for m in methods]
+    by_name = {(r["method"], r["k"]): r["cosine"] for r in rows}
+    assert by_name[("npg", 1)] == pytest.approx(by_name[("jacobian_free", None)], abs=1e-10)
+    assert by_name[("jacobian_free", None)] < 0.999
+    assert by_name[("upg", 20)] > 1 - 1e-6 and by_name[("implicit", None)] > 1 - 1e-9
+    first = rows[0]
+    assert first["backward_residual"] <= 1e-8 and first["backward_converged"] == 1.0
+    assert first["forward_residual"] < 1e-8
+    assert 0 < first["spectral_radius_max"] < 0.5 + 1e-6 and first["noncontractive"] == 0
+    assert int(model.calls) == 0 and model.deq.gradient.name == "upg"
+    model.dropout = 0.0  # the dense answer has no masks: the same comparison without dropout
+    exact = gradcheck.parameter_gradients(model, task, batch, model.implicit_parameters(),
+                                          gradcheck.exact_method(), gradcheck.rng_state(
+                                              loaded.device), loaded.device)
+    assert gradcheck.cosine(exact, dense_exact(model, batch)) == pytest.approx(1, abs=1e-10)
+
+
+def test_checkpoint_methods_keep_shine_with_broyden():
+    model = toy_checkpoint("broyden").model
+    names = [m.name for m in checkpoint.checkpoint_methods(model, method_grid(ks=[1], lambdas=[1]))]
+    assert {"shine", "shine_nofallback", "implicit"} <= set(names)
 
 
 def write_steps(path: Path, cosines: list[tuple[int, float | None]], tail: str = "") -> Path:
@@ -139,20 +182,20 @@ def write_steps(path: Path, cosines: list[tuple[int, float | None]], tail: str =
 def test_grad_cosines_are_read_and_a_torn_line_is_skipped(tmp_path):
     steps = write_steps(tmp_path / "steps.jsonl", [(1, 0.5), (2, None), (3, -0.25)],
                         tail='{"step": 4, "grad_co')
-    assert P.read_grad_cosines(steps) == [(1, 0.5), (3, -0.25)]
-    assert P.read_grad_cosines(tmp_path / "missing.jsonl") == []
+    assert read_grad_cosines(steps) == [(1, 0.5), (3, -0.25)]
+    assert read_grad_cosines(tmp_path / "missing.jsonl") == []
 
 
 def test_grad_cosines_come_from_the_latest_run_in_an_appended_log(tmp_path):
     old_run = [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.35), (5, 0.38), (6, 0.39)]
     resumed = [(1, 0.9), (2, 0.8), (3, 0.7), (2, 0.6), (3, 0.5), (4, 0.4)]
     steps = write_steps(tmp_path / "steps.jsonl", old_run + resumed)
-    assert P.read_grad_cosines(steps) == [(1, 0.9), (2, 0.6), (3, 0.5), (4, 0.4)]
+    assert read_grad_cosines(steps) == [(1, 0.9), (2, 0.6), (3, 0.5), (4, 0.4)]
 
 
 def test_cli_quick_with_a_run_writes_every_file(tiny_run, tmp_path):
     out = tmp_path / "study"
-    result = run_module("deqrun.precision",
+    result = run_module("deqrun.studies.precision",
                         ["--out", str(out), "--run", str(tiny_run), "--quick", "--threads", "1"],
                         tmp_path)
     assert result.returncode == 0, result.stderr
@@ -199,7 +242,7 @@ def test_a_run_folder_lacking_what_it_needs_is_one_line_and_exit_2(tiny_run, tmp
                                                                    drop, needle):
     run = tmp_path / "missing" if drop is None else broken_copy(tiny_run, tmp_path, drop)
     out = tmp_path / "out"
-    assert P.main(["--out", str(out), "--run", str(run), "--quick"]) == 2
+    assert cli.main(["--out", str(out), "--run", str(run), "--quick"]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()

@@ -1,0 +1,7 @@
+"""python -m deqrun.studies.precision: see deqrun/studies/precision/__init__.py."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
