@@ -14,6 +14,6 @@ __all__ = ["DEQModel", "MDEQ", "MDEQ_SIZES", "MDEQConfig", "MDEQSpec", "build_md
            "resolve_mdeq_spec"]
 
 from . import (
-           deq_transformer,  # noqa: E402,F401  (registers model=deq_transformer)
-           inr,  # noqa: E402, F401  (registers isiren and imfn)
+    deq_transformer,  # noqa: E402,F401  (registers model=deq_transformer)
+    inr,  # noqa: E402, F401  (registers isiren and imfn)
 )

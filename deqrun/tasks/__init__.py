@@ -13,6 +13,6 @@ __all__ = ["ClassificationTask", "DatasetTask", "LoaderOptions", "ModelSpec", "T
            "build_classification_task"]
 
 from deqrun.tasks import (
-           language,  # noqa: E402,F401  (registers task=wikitext2, wikitext103)
-           signal,  # noqa: E402, F401  (registers the signal-fitting tasks)
+    language,  # noqa: E402,F401  (registers task=wikitext2, wikitext103)
+    signal,  # noqa: E402, F401  (registers the signal-fitting tasks)
 )
