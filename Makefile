@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: install run test test-all lint bench precision table-jiio shine-bilevel shine-inversion \
+.PHONY: install run test test-all lint bench precision table-jiio table-inr shine-bilevel shine-inversion \
         solver-suite reproduce clean
 
 $(STAMP): pyproject.toml
@@ -51,6 +51,21 @@ NOW := $(shell date +%Y-%m-%d_%H-%M-%S)
 table-jiio: $(STAMP)
 	$(VENV)/bin/deqrun experiment=jiio/generative_mnist task.root=../shared/data/mnist trainer.threads=1 run_name=jiio-generator-$(SCALE) $(ARGS)
 	$(PY) scripts/jiio_timing.py --checkpoint outputs/runs/jiio-generator-$(SCALE)/checkpoints/last.pt --data-root ../shared/data/mnist --batch 32 --T 100 --m 40 --alpha0 5 5 --every 10 --out outputs/tables/jiio-$(SCALE)
+
+# The INR table also prints implicit-minus-explicit PSNR per family (scripts/inr_table.py).
+INR_ROWS := fourier_mfn fourier_imfn gabor_mfn gabor_imfn siren isiren
+table-inr: $(STAMP)
+ifeq ($(DRY),1)
+	$(VENV)/bin/deqrun table=inr_$(SCALE) $(ARGS) --cfg hydra --package hydra.sweeper.params
+	for row in $(INR_ROWS); do for image in 0 1 2; do \
+	  echo "# ---- row $$row image $$image"; \
+	  $(VENV)/bin/deqrun table=inr_$(SCALE) experiment=inr/$$row task.image=$$image $(ARGS) --cfg job || exit 1; \
+	done; done
+else
+	$(VENV)/bin/deqrun table=inr_$(SCALE) hydra.sweep.dir=outputs/tables/inr-$(SCALE)/$(NOW) $(ARGS); status=$$?; \
+	$(VENV)/bin/deqrun-report outputs/tables/inr-$(SCALE)/$(NOW); \
+	$(PY) scripts/inr_table.py outputs/tables/inr-$(SCALE)/$(NOW); exit $$status
+endif
 
 table-%: $(STAMP)
 ifeq ($(DRY),1)

@@ -175,17 +175,25 @@ class DEQ(nn.Module):
             self._reused = None
 
     def forward(self, f: Callable[[State], State], z0: State, pretrain: bool = False,
-                outer_grad: Callable[[State], State] | None = None) -> tuple[State, DEQStats]:
-        """Solve (and in training attach the gradient method); outer_grad: see solve()."""
+                outer_grad: Callable[[State], State] | None = None,
+                max_iter: int | None = None) -> tuple[State, DEQStats]:
+        """Solve (and in training attach the gradient method); outer_grad: see solve().
+
+        max_iter, if given, replaces this call's forward budget. A smaller budget serves
+        amortised solves: warm-started at the previous training step's fixed point, one solver
+        step per training step follows the moving fixed point.
+        """
         if pretrain:
             return self.unrolled(f, z0)
+        if max_iter is not None and int(max_iter) < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
         if not (self.training and torch.is_grad_enabled()):
-            result = self.solve(f, z0, self.eval_f_max_iter, self.eval_f_tol)
+            result = self.solve(f, z0, int(max_iter or self.eval_f_max_iter), self.eval_f_tol)
             return result.z, DEQStats(result)
         if self.solver_options.get("opa_every", 0) > 0 and outer_grad is None:
             raise ValueError("opa_every > 0 needs the outer-loss gradient: "
                              "deq(f, z0, outer_grad=...)")
-        result = self.solve(f, z0, self.f_max_iter, self.f_tol, outer_grad)
+        result = self.solve(f, z0, int(max_iter or self.f_max_iter), self.f_tol, outer_grad)
         layout = StateLayout.of(z0)
         flat_f = layout.flat_map(f)
         z_star = layout.flatten(result.z)

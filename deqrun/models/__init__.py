@@ -15,6 +15,7 @@ from .mdeq import MDEQ, MDEQ_SIZES, MDEQConfig, MDEQSpec, build_mdeq, resolve_md
 from . import deq_transformer  # noqa: E402,F401  (model=deq_transformer)
 from . import generator  # noqa: E402,F401  (model=mdeq_generator)
 from . import ignn  # noqa: E402,F401  (model=ignn)
+from . import inr  # noqa: E402,F401  (model=isiren, model=imfn)
 
 __all__ = ["DEQModel", "MDEQ", "MDEQ_SIZES", "MDEQConfig", "MDEQSpec", "build_mdeq",
            "resolve_mdeq_spec"]

@@ -14,6 +14,7 @@ from deqrun.tasks import generative  # noqa: E402,F401  (task=generative)
 from deqrun.tasks import graph  # noqa: E402,F401  (task=tu, planetoid, ppi, chains)
 from deqrun.tasks import inverse  # noqa: E402,F401  (task=inverse)
 from deqrun.tasks import language  # noqa: E402,F401  (task=wikitext2, wikitext103)
+from deqrun.tasks import signal  # noqa: E402,F401  (task=image_fit, audio_fit, ...)
 
 __all__ = ["ClassificationTask", "DatasetTask", "LoaderOptions", "ModelSpec", "Task",
            "build_classification_task"]
