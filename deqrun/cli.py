@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,9 @@ def quote_run_name(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """Console entry point."""
+    # torch_geometric scripts a helper at import, and torch deprecates torch.jit.script: not ours,
+    # and it would add two lines to every message the CLI prints.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     try:
         register_configs()
         sys.argv[1:] = quote_run_name(sys.argv[1:])

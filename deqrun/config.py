@@ -403,7 +403,7 @@ def help_config() -> dict[str, Any]:
     lines.append(f"solver: {', '.join(sorted(SOLVERS))}")
     lines.append(f"grad: {', '.join(sorted(GRADIENTS))}, {INPUT_OPTIMISATION} (input "
                  f"optimisation; tasks: {', '.join(registry.input_objective_tasks()) or 'none'})")
-    lines += ["optim: adam, sgd   logger: none, jsonl, csv, wandb   trainer: default",
+    lines += ["optim: adam, sgd   logger: none, jsonl, csv, wandb, tensorboard   trainer: default",
               "launcher: joblib, slurm   experiment, table: paper-table presets (see README)", "",
               "== Config ==", "$CONFIG", "",
               "Hydra's own options: deqrun --hydra-help"]
