@@ -1,4 +1,4 @@
-"""Metric loggers behind one small interface: none, jsonl, csv, wandb.
+"""Metric loggers behind one small interface: none, jsonl, csv, wandb, tensorboard.
 
 Each logger receives flat dicts of numbers: `log(kind, record)` with kind "step" or "epoch".
 Files go into the run folder; a resumed run appends to them, a fresh run starts them anew.
@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import math
 import os
 import uuid
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from deqrun.errors import WriteError
 from deqrun.results import atomic_write, sanitize, strict_dumps, strict_loads
@@ -209,7 +213,78 @@ def build_logger(name: str, run_dir: Path, config: dict[str, Any], append: bool,
 
 def _tensorboard(run_dir: Path, config: dict[str, Any], append: bool,
                  resume_at: tuple[int, int] | None) -> Logger:
-    from deqrun.tensorboard_logger import TensorboardLogger
-
     return TensorboardLogger(run_dir, config, append=append,
                              resume_step=resume_at[0] if resume_at else None)
+
+
+# ---- tensorboard: event files in <run>/tensorboard (scalars per step and epoch on the step axis,
+# the config and final numbers as text, figures as images; a resumed run purges the events logged
+# after its checkpoint). View with `tensorboard --logdir outputs/`.
+def _number(value: Any) -> float | None:
+    """A loggable scalar (bools as 0/1), or None for text, lists and non-finite values."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _markdown_block(text: str) -> str:
+    """Text shown verbatim by TensorBoard's markdown renderer (indented code block)."""
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+class TensorboardLogger(Logger):
+    """TensorBoard event files under run_dir/tensorboard."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], append: bool = False,
+                 resume_step: int | None = None, flush_secs: int = 30) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = run_dir / "tensorboard"
+        purge = resume_step + 1 if append and resume_step is not None else None
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=purge, flush_secs=flush_secs)
+        self.writer.add_text("config", _markdown_block(json.dumps(config, indent=2, default=str)),
+                             global_step=resume_step or 0)
+        self.last_step = resume_step or 0
+
+    def log(self, kind: str, record: dict[str, Any]) -> None:
+        step = int(record.get("step", record.get("epoch", self.last_step)))
+        self.last_step = max(self.last_step, step)
+        for key, value in record.items():
+            number = _number(value)
+            if number is not None and key != "step":
+                self.writer.add_scalar(f"{kind}/{key}", number, global_step=step)
+
+    def summary(self, record: dict[str, Any]) -> None:
+        lines = ["| metric | value |", "|---|---|"]
+        for key, value in record.items():
+            number = _number(value)
+            if number is not None:
+                self.writer.add_scalar(f"final/{key}", number, global_step=self.last_step)
+            lines.append(f"| {key} | {value} |")
+        self.writer.add_text("final", "\n".join(lines), global_step=self.last_step)
+
+    def figure(self, name: str, figure: Any, step: int | None = None) -> None:
+        """A matplotlib figure or an image file (PNG, JPEG) as image `name`."""
+        step = self.last_step if step is None else step
+        if isinstance(figure, (str, Path)):
+            from PIL import Image
+
+            with Image.open(figure) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            self.writer.add_image(name, pixels, global_step=step, dataformats="HWC")
+        else:
+            self.writer.add_figure(name, figure, global_step=step, close=False)
+
+    def figures(self, folder: Path, pattern: str = "*.png") -> list[str]:
+        """Every image in `folder` matching `pattern`, named by file stem; returns the names."""
+        names = []
+        for path in sorted(folder.glob(pattern)):
+            self.figure(f"figures/{path.stem}", path)
+            names.append(path.stem)
+        return names
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E4
     EventAccumulator,
 )
 
-from deqrun.tensorboard_logger import TensorboardLogger  # noqa: E402
+from deqrun.loggers import TensorboardLogger  # noqa: E402
 
 
 def events(log_dir):

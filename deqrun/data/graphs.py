@@ -23,10 +23,10 @@ import torch
 from torch_geometric.data import Data
 from torch_geometric.utils import add_remaining_self_loops, scatter, to_undirected
 
+from deqrun.data.paths import data_root
 from deqrun.errors import ConfigError, DataNotFoundError
 
 NORMALIZATIONS = ("sym", "rw", "none")
-DEFAULT_DATA_ROOT = Path("~/.cache/deqrun/data").expanduser()
 SCRATCH_ENV = "DEQRUN_GRAPH_SCRATCH"
 
 
@@ -213,7 +213,7 @@ def load_tu(root: str | Path | None, name: str, *, download: bool = True,
     """A TUDataset (root/name/raw/name_*.txt) as a list of prepared graphs."""
     from torch_geometric.datasets import TUDataset
 
-    root = Path(root).expanduser() if root else DEFAULT_DATA_ROOT / "TUDataset"
+    root = data_root(root, "TUDataset")
     files = tuple(f"{name}_{part}.txt" for part in ("A", "graph_indicator", "graph_labels"))
     hint = (f"pass task.root=<folder holding {name}/raw/{name}_A.txt ...> "
             f"(e.g. ../shared/data/TUDataset) or allow task.download=true with network")
@@ -228,7 +228,7 @@ def load_planetoid(root: str | Path | None, name: str, *, download: bool = True,
     from torch_geometric.datasets import Planetoid
     from torch_geometric.transforms import NormalizeFeatures
 
-    root = Path(root).expanduser() if root else DEFAULT_DATA_ROOT / "Planetoid"
+    root = data_root(root, "Planetoid")
     parts = ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")
     files = tuple(f"ind.{name.lower()}.{part}" for part in parts)
     hint = (f"pass task.root=<folder holding {name}/raw/ind.{name.lower()}.*> "
@@ -247,7 +247,7 @@ def load_ppi(root: str | Path | None, *, download: bool = True,
     """PPI (root/raw/{train,valid,test}_{graph.json,feats.npy,graph_id.npy,labels.npy})."""
     from torch_geometric.datasets import PPI
 
-    root = Path(root).expanduser() if root else DEFAULT_DATA_ROOT / "PPI"
+    root = data_root(root, "PPI")
     files = tuple(f"{split}_{part}" for split in PPI_SPLITS.values()
                   for part in ("graph.json", "feats.npy", "graph_id.npy", "labels.npy"))
     hint = ("pass task.root=<folder holding raw/train_graph.json ...> or allow "

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
 from deqrun.data.images import build_cifar10, build_digits, build_imagenet, build_mnist
+from deqrun.data.paths import data_root
 from deqrun.errors import ConfigError
 from deqrun.registry import register_task
 from deqrun.tasks.base import DatasetTask, ModelSpec
@@ -19,7 +20,6 @@ from deqrun.tasks.base import DatasetTask, ModelSpec
 # The config schema uses typing.Optional: OmegaConf reads these annotations at run time.
 # ruff: noqa: UP045
 
-DEFAULT_DATA_ROOT = "~/.cache/deqrun/data"
 
 
 @dataclass
@@ -148,7 +148,7 @@ _BUILDERS: dict[str, Callable[[_Options, list[str]], Splits]] = {
 
 def default_root(name: str) -> Path:
     """Where a data set lives when task.root is not given: ~/.cache/deqrun/data/<name>."""
-    return Path(DEFAULT_DATA_ROOT, name).expanduser()
+    return data_root(None, name)
 
 
 def _num_classes(dataset: Dataset) -> int:
@@ -176,7 +176,7 @@ def build_classification_task(
         choices = ", ".join(sorted(_BUILDERS))
         raise ConfigError(f"unknown image-classification task {name!r}: choose one of {choices}")
     options = _Options(
-        root=default_root(name) if root is None else Path(root).expanduser(),
+        root=data_root(root, name),
         download=download,
         image_size=image_size,
         augment=augment,

@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.utils import save_image
 
 from deqrun.core import InputProblem
+from deqrun.data import paths
 from deqrun.data.generative import build_images
 from deqrun.registry import register_task
 from deqrun.tasks.base import LoaderOptions, ModelSpec, Task
 
-DEFAULT_DATA_ROOT = "~/.cache/deqrun/data"
 ImageObjective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -58,8 +58,7 @@ class GenerativeConfig:
 
 def data_root(options: Any) -> Path:
     """task.root, or ~/.cache/deqrun/data/<dataset>."""
-    root = options.root or Path(DEFAULT_DATA_ROOT, options.dataset)
-    return Path(root).expanduser()
+    return paths.data_root(options.root, options.dataset)
 
 
 def squared_error(images: torch.Tensor, target: torch.Tensor,
