@@ -220,7 +220,7 @@ def _tensorboard(run_dir: Path, config: dict[str, Any], append: bool,
 # ---- tensorboard: event files in <run>/tensorboard (scalars per step and epoch on the step axis,
 # the config and final numbers as text, figures as images; a resumed run purges the events logged
 # after its checkpoint). View with `tensorboard --logdir outputs/`.
-def _number(value: Any) -> float | None:
+def _scalar(value: Any) -> float | None:
     """A loggable scalar (bools as 0/1), or None for text, lists and non-finite values."""
     if isinstance(value, bool):
         return float(value)
@@ -252,14 +252,14 @@ class TensorboardLogger(Logger):
         step = int(record.get("step", record.get("epoch", self.last_step)))
         self.last_step = max(self.last_step, step)
         for key, value in record.items():
-            number = _number(value)
+            number = _scalar(value)
             if number is not None and key != "step":
                 self.writer.add_scalar(f"{kind}/{key}", number, global_step=step)
 
     def summary(self, record: dict[str, Any]) -> None:
         lines = ["| metric | value |", "|---|---|"]
         for key, value in record.items():
-            number = _number(value)
+            number = _scalar(value)
             if number is not None:
                 self.writer.add_scalar(f"final/{key}", number, global_step=self.last_step)
             lines.append(f"| {key} | {value} |")
