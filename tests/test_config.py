@@ -156,3 +156,30 @@ def test_default_experiment_is_mdeq_tiny_digits_upg():
     assert (run.model.name, run.model.size, run.task.name, run.grad.name) == (
         "mdeq", "tiny", "digits", "upg")
     assert run.solver.name == "broyden"
+
+
+def test_every_recipe_names_a_model_and_task_pair_and_composes():
+    recipes = yaml_options("recipe")
+    assert recipes, "configs/recipe/ is empty"
+    models, tasks = options("model"), options("task")
+    for recipe in recipes:
+        pairs = [(m, recipe[len(m) + 1:]) for m in models if recipe.startswith(m + "_")]
+        pairs = [(m, t) for m, t in pairs if t in tasks]
+        assert pairs, f"recipe/{recipe}.yaml matches no model_task pair (it would never apply)"
+        model, task = pairs[0]
+        resolve(composed(f"model={model}", f"task={task}"))
+
+
+def test_recipe_applies_to_the_bare_pair_and_yields_to_everything_else():
+    bare = composed("model=deq_transformer", "task=wikitext2")
+    assert bare.trainer.epochs == 3 and bare.trainer.batch_size == 32
+    assert bare.solver.f_max_iter == 15 and bare.optim.lr == pytest.approx(2e-3)
+    other = composed("model=deq_transformer", "task=wikitext103")  # no recipe for this pair
+    root = composed()
+    assert other.trainer.epochs == root.trainer.epochs
+    cli = composed("model=deq_transformer", "task=wikitext2", "trainer.epochs=7", "solver=anderson",
+                   "solver.f_max_iter=9")
+    assert cli.trainer.epochs == 7 and cli.solver.name == "anderson" and cli.solver.f_max_iter == 9
+    assert cli.trainer.batch_size == 32  # the recipe's other values stay
+    row = composed("experiment=lm/upg", "table=lm_smoke")
+    assert row.trainer.epochs == 2 and row.solver.f_max_iter == 12
