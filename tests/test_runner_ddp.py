@@ -176,6 +176,7 @@ def test_two_gloo_ranks_train_the_one_process_model_and_only_rank_0_writes(tmp_p
                                                               rel=1e-4)
 
 
+@pytest.mark.slow  # about 100 s on the shared 2-core machine
 def test_sigterm_to_every_rank_checkpoints_and_the_resumed_run_ends_identically(tmp_path,
                                                                                 plugin):
     args = [searchpath(tmp_path), *ARGS]
@@ -211,6 +212,7 @@ def slurm_env(rank: int, world: int, port: int) -> dict[str, str]:
             "MASTER_PORT": str(port)}
 
 
+@pytest.mark.slow  # about 150 s on the shared 2-core machine
 def test_usr2_on_slurm_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path, plugin):
     """A SLURM time-out/preemption: USR2 to every task; scontrol is a fake recording its call."""
     bin_dir = tmp_path / "bin"
