@@ -226,6 +226,8 @@ def mark(t: Training, **fields: Any) -> None:
 
 def nothing_to_do(t: Training, previous: dict[str, Any]) -> dict[str, Any]:
     """A completed run resumed without more to train: its files are left as they are."""
+    if not t.ctx.is_main:
+        return previous.get("final") or {}
     print(f"deqrun: run {t.config.run_name} is already completed (epoch {t.progress.epoch}, "
           f"step {t.progress.step}); nothing to do; raise trainer.epochs or trainer.max_steps "
           "to train further", file=sys.stderr)
@@ -520,7 +522,8 @@ def calibrate_batchnorm(t: Training) -> None:
     norms = [m for m in t.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
-    batches = t.task.train_batches(-1, loader_options(t.config, t.device, train=True))
+    # this rank's shard of a batch (SyncBatchNorm on GPU ranks adds the shards' statistics)
+    batches = ddp.shard_batches(t.task, -1, loader_options(t.config, t.device, train=True), t.ctx)
     batch = t.task.to_device(next(iter(batches)), t.device)
     momenta = [norm.momentum for norm in norms]
     for norm in norms:
