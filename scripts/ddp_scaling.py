@@ -61,7 +61,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ddp-scaling-"))
     try:
         total = args.world * args.threads
-        rows = [("1 process x %d threads" % total, run(1, total, args.overrides, work)),
+        rows = [(f"1 process x {total} threads", run(1, total, args.overrides, work)),
                 (f"{args.world} gloo processes x {args.threads} thread(s) (torchrun)",
                  run(args.world, args.threads, args.overrides, work))]
         if total != args.threads:

@@ -42,6 +42,7 @@ from deqrun.loggers import Logger, build_logger
 from deqrun.measure import SavedTensorMeter, Timer, peak_memory_bytes, reset_peak_memory
 from deqrun.models.base import DEQModel
 from deqrun.results import sanitize, write_metrics
+from deqrun.runner import distributed as ddp
 from deqrun.runner.build import (
     build_optimizer,
     build_scheduler,
@@ -53,7 +54,6 @@ from deqrun.runner.build import (
     seed_everything,
     select_device,
 )
-from deqrun.runner import distributed as ddp
 from deqrun.runner.checkpoint import check_compatible, read_checkpoint, restore, save_checkpoint
 from deqrun.runner.precision_policy import (
     NumericsPolicy,
