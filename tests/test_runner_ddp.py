@@ -151,8 +151,6 @@ def test_two_gloo_ranks_train_the_one_process_model_and_only_rank_0_writes(tmp_p
     assert a.keys() == b.keys()
     for name in a:  # 8 Adam steps on the global batch of 32 = 2 shards of 16
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=2e-6, msg=name)
-    assert not torch.equal(a["head.weight"], torch.load(
-        runs / "one" / "checkpoints" / "last.pt", weights_only=True)["model"]["head.weight"] * 0)
     # one metrics.json, one checkpoint (plus each rank's random state), one log, one steps log
     assert sorted(p.name for p in (runs / "two").rglob("metrics.json")) == ["metrics.json"]
     assert sorted(p.name for p in (runs / "two" / "checkpoints").iterdir()) == \
