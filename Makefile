@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
 .PHONY: install run test test-all lint bench precision table-jiio table-inr shine-bilevel shine-inversion \
-        solver-suite reproduce clean
+        solver-suite reproduce ddp-scaling clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,11 @@ endif
 reproduce: $(STAMP)
 	$(PY) scripts/reproduce.py --scale $(SCALE) $(if $(ONLY),--only $(ONLY)) \
 	  $(if $(filter 1,$(DRY)),--dry) --args "$(ARGS)"
+
+# Data-parallel scaling on CPU through the real runner: 2 gloo processes x 1 thread (torchrun) vs
+# 1 process x 2 threads (and 1 x 1), the default experiment, one epoch each.
+ddp-scaling: $(STAMP)
+	$(PY) scripts/ddp_scaling.py --world 2 --threads 1 $(ARGS)
 
 # SHINE (Ramzi et al. 2022): the bi-level study (offline data) and the inversion-quality study;
 # the classic root-finding suite of the solvers (ours, scipy, torchdeq when installed).

@@ -46,22 +46,27 @@ def _job(cfg: DictConfig) -> Any:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     was_empty = not any(run_dir.iterdir()) if run_dir.is_dir() else True
-    held = None
+    held, ctx, failed = None, None, True
     try:
         config, resolved = resolve(cfg)
+        from deqrun.runner import distributed as ddp
         from deqrun.runner import run  # the data and model stack loads after the config checks
         from deqrun.runner.build import select_device
-        from deqrun.runner.folder import claim, write_job_config
 
         select_device(config.trainer.device)  # a device this machine lacks: before any write
-        held = claim(run_dir, config)
-        if held.previous is None:
-            write_job_config(run_dir, cfg, list(hydra_cfg.overrides.task))
-        return run(config, resolved, run_dir, held.previous)
+        if config.trainer.distributed == "auto" and ddp.discover().rank > 0:
+            _quiet_rank()
+        ctx = ddp.setup_distributed(config.trainer.distributed, config.trainer.device)
+        resume_requeued(config, resolved, run_dir, ctx)
+        held, run_dir = _claim(run_dir, config, cfg, list(hydra_cfg.overrides.task), ctx)
+        final = run(config, resolved, run_dir, held.previous, ctx)
+        failed = False
+        return final
     except UserError as error:
-        _record_failure(run_dir, held, was_empty, multirun, str(error))
-        if multirun and was_empty and (held is None or held.previous is None):
-            _try_job_config(run_dir, cfg, list(hydra_cfg.overrides.task))
+        if ctx is None or ctx.is_main:
+            _record_failure(run_dir, held, was_empty, multirun, str(error))
+            if multirun and was_empty and (held is None or held.previous is None):
+                _try_job_config(run_dir, cfg, list(hydra_cfg.overrides.task))
         _leave(f"error: {error}", EXIT_USER_ERROR, multirun)
     except Diverged as diverged:
         _leave(f"diverged: {diverged}", EXIT_DIVERGED, multirun)
@@ -72,13 +77,72 @@ def _job(cfg: DictConfig) -> Any:
         _leave(f"stopped by {signal.Signals(signum).name} before training started", 128 + signum,
                False)
     except Exception as error:
-        if held is not None and held.may_record_failure:
+        if held is not None and held.may_record_failure and (ctx is None or ctx.is_main):
             _try_write(run_dir, status="failed", error=f"{type(error).__name__}: {error}")
         raise
     finally:
         if held is not None:
             held.release()
+        if ctx is not None:
+            ddp.teardown_distributed(ctx, wait=not failed)
     return None
+
+
+def resume_requeued(config: Any, resolved: dict[str, Any], run_dir: Path, ctx: Any) -> None:
+    """A job requeued after a time-out or preemption (its run folder holds a checkpoint and the
+    requeue marker, or SLURM counts a restart) continues as with trainer.resume=true."""
+    from deqrun.runner.preemption import should_resume
+
+    trainer = config.trainer
+    if trainer.resume or trainer.resume_from or trainer.overwrite:
+        return
+    if should_resume(run_dir, run_dir / "checkpoints" / "last.pt"):
+        trainer.resume = True
+        resolved["trainer"]["resume"] = True
+        config.notes.append("requeued job (time-out or preemption): resumed from its checkpoint")
+
+
+def _claim(run_dir: Path, config: Any, cfg: DictConfig, overrides: list[str],
+           ctx: Any) -> tuple[Any, Path]:
+    """Rank 0 claims the run folder (one process writes there); the other ranks of a
+    data-parallel run learn its outcome and folder (their own may differ in a time-stamped
+    default run_name) and hold no lock."""
+    from deqrun.runner import distributed as ddp
+    from deqrun.runner.folder import Claim, claim, write_job_config
+
+    held, error = None, None
+    if ctx.is_main:
+        try:
+            held = claim(run_dir, config)
+            if held.previous is None:
+                write_job_config(run_dir, cfg, overrides)
+        except UserError as refused:
+            error = refused
+    shared = ddp.broadcast((str(run_dir), None if held is None else held.previous,
+                            None if error is None else str(error)), ctx)
+    if error is not None:
+        raise error
+    if ctx.is_main:
+        return held, run_dir
+    if shared[2] is not None:
+        raise UserError(f"rank 0 refused the run: {shared[2]}")
+    main_dir = Path(shared[0])
+    if main_dir.resolve() != run_dir.resolve() and run_dir.is_dir() and \
+            not any(run_dir.iterdir()):
+        run_dir.rmdir()  # Hydra made this rank's own (time-stamped) folder
+    return Claim(main_dir, shared[1], None), main_dir
+
+
+def _quiet_rank() -> None:
+    """Ranks other than 0 write no log file and print only warnings."""
+    import logging
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    logging.getLogger("deqrun").setLevel(logging.WARNING)
 
 
 def _record_failure(run_dir: Path, held: Any, was_empty: bool, multirun: bool,

@@ -108,6 +108,13 @@ class TrainerConfig:
     on_divergence: str = "stop"
     max_skipped_batches: int = 10
     divergence_factor: Optional[float] = 100.0
+    # Scale-out (deqrun/runner/distributed.py, precision_policy.py): auto joins torch.distributed
+    # when started as several processes (torchrun, SLURM tasks); off always runs one process.
+    distributed: str = "auto"
+    sync_batchnorm: bool = True
+    precision: str = "32"
+    tf32: str = "auto"
+    cudnn_benchmark: Optional[bool] = None
 
     def check(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "pretrain_depth", "jac_samples",
@@ -128,6 +135,15 @@ class TrainerConfig:
         _require(not ((self.resume or self.resume_from) and self.overwrite),
                  "trainer.overwrite=true starts the run anew: it excludes trainer.resume=true "
                  "and trainer.resume_from")
+        _require(self.distributed in ("auto", "off"),
+                 f"trainer.distributed must be auto or off, got {self.distributed!r}")
+        _require(str(self.precision) in ("32", "fp32", "bf16", "fp16"),
+                 f"trainer.precision must be 32 (or fp32), bf16 or fp16, got {self.precision!r}")
+        _require(str(self.tf32).lower() in ("auto", "true", "false"),
+                 f"trainer.tf32 must be auto, true or false, got {self.tf32!r}")
+        _require(self.precision_every == 0 or str(self.precision) in ("32", "fp32"),
+                 "gradient checks (trainer.precision_every > 0) compare with an exact float32 "
+                 "gradient: they need trainer.precision=32")
 
 
 RUNNER_SCHEMAS = {"optim": OptimConfig, "logger": LoggerConfig, "trainer": TrainerConfig}

@@ -1,116 +1,95 @@
-"""Data-parallel scaling on CPU: N gloo processes x T threads vs 1 process x N*T threads.
+"""Data-parallel scaling on CPU through the real runner: N gloo processes x T threads (torchrun)
+vs 1 process x N*T threads (and 1 process x T threads), same global batch.
 
-    python scripts/ddp_scaling.py [--world 2] [--threads 1] [--steps 20] [overrides ...]
+    python scripts/ddp_scaling.py [--world 2] [--threads 1] [--out FILE.md] [overrides ...]
 
-Builds the default experiment (or the given Hydra overrides) with the runner's builders, trains
-`--steps` steps of the same global batch (trainer.batch_size) once in one process with
-world x threads threads and once as `world` gloo ranks with `threads` threads each (sharded with
-deqrun.runner.distributed), and prints the throughput of each (samples/s over the timed steps,
-after 2 warm-up steps) and the scaling efficiency = DDP throughput / single-process throughput.
+Each set-up is one `deqrun` run of the default experiment (MDEQ-tiny on digits; add Hydra
+overrides to change it) with trainer.epochs=1 on the CPU; its metrics.json gives the throughput
+over the timed steps (every step after the first: samples of the global batch per second of step
+time, forward + backward + update, on rank 0) and the run's wall time. The scaling efficiency is
+DDP throughput / single-process throughput with the same total number of threads.
+Run it alone on the machine (e.g. under `flock /work/wt/cpu.lock`): the numbers are only as
+honest as the machine is idle.
 """
 
 from __future__ import annotations
 
 import argparse
-import socket
+import json
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.multiprocessing as mp
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-WARMUP = 2
+FIXED = ["trainer.device=cpu", "trainer.epochs=1", "trainer.progress=false", "logger=none"]
 
 
-def build(overrides: list[str]):
-    """The run config of the default experiment with `overrides`, on the CPU."""
-    from hydra import compose, initialize_config_dir
-
-    from deqrun.cli import config_dir
-    from deqrun.config import register_configs, resolve
-
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
-        config, _ = resolve(compose("config", overrides=["trainer.device=cpu", *overrides]))
-    return config
-
-
-def worker(rank: int, world: int, threads: int, steps: int, port: int, overrides: list[str],
-           out: dict) -> None:
-    """Train `steps` steps as rank `rank` of `world`; rank 0 reports samples/s."""
-    from deqrun.runner.build import build_optimizer, build_task_and_model, loader_options
-    from deqrun.runner.distributed import (
-        reduce_sums,
-        setup_distributed,
-        shard_batches,
-        teardown_distributed,
-        wrap_model,
-    )
-
-    torch.set_num_threads(threads)
-    env = dict(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    ctx = setup_distributed("auto", "cpu", env=env)
-    config = build(overrides)
-    torch.manual_seed(config.trainer.seed)
-    task, model = build_task_and_model(config, torch.device("cpu"))
-    model = wrap_model(model, ctx)
-    optimizer = build_optimizer(config, model)
-    batches = shard_batches(task, 0, loader_options(config, torch.device("cpu"), True), ctx)
-    samples, start = 0, None
-    for index, batch in enumerate(batches):
-        if index == WARMUP:
-            start, samples = time.perf_counter(), 0
-        if index == WARMUP + steps:
-            break
-        output, _ = model(task.model_input(batch))
-        optimizer.zero_grad(set_to_none=True)
-        task.loss(output, batch).backward()
-        optimizer.step()
-        samples += task.count(batch)["samples"]
-    seconds = time.perf_counter() - start
-    total = reduce_sums({"samples": samples}, ctx)["samples"]
-    if ctx.is_main:
-        out["samples_per_s"] = total / seconds
-        out["per_rank"] = samples / seconds
-    teardown_distributed(ctx)
-
-
-def free_port() -> int:
-    """A free local TCP port for the rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def measure(world: int, threads: int, steps: int, overrides: list[str]) -> dict:
-    """Throughput of `world` processes with `threads` threads each."""
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.start_processes(worker, args=(world, threads, steps, free_port(), overrides, out),
-                           nprocs=world, start_method="spawn")
-        return dict(out)
+def run(world: int, threads: int, overrides: list[str], work: Path) -> dict:
+    """One run of `world` processes with `threads` threads each; its final metrics + wall time."""
+    name = f"scaling-{world}x{threads}"
+    args = [*FIXED, f"trainer.threads={threads}", f"run_name={name}", *overrides]
+    if world == 1:
+        command = [sys.executable, "-m", "deqrun.cli", "trainer.distributed=off", *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={world}", "-m", "deqrun.cli", *args]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                        os.environ.get("PYTHONPATH")])))
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"ddp_scaling: {' '.join(command)} failed ({done.returncode}):\n"
+                 f"{done.stderr[-2000:]}")
+    final = json.loads((work / "outputs" / "runs" / name / "metrics.json").read_text())["final"]
+    return dict(final, wall_s=wall, command=" ".join(command[1:]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    single = measure(1, args.world * args.threads, args.steps, args.overrides)
-    ddp = measure(args.world, args.threads, args.steps, args.overrides)
-    print(f"1 process x {args.world * args.threads} threads: "
-          f"{single['samples_per_s']:.1f} samples/s")
-    print(f"{args.world} gloo processes x {args.threads} thread(s): "
-          f"{ddp['samples_per_s']:.1f} samples/s total, {ddp['per_rank']:.1f} per rank")
+    load = os.getloadavg()[0]
+    work = Path(tempfile.mkdtemp(prefix="ddp-scaling-"))
+    try:
+        total = args.world * args.threads
+        rows = [(f"1 process x {total} threads", run(1, total, args.overrides, work)),
+                (f"{args.world} gloo processes x {args.threads} thread(s) (torchrun)",
+                 run(args.world, args.threads, args.overrides, work))]
+        if total != args.threads:
+            rows.append((f"1 process x {args.threads} thread(s)",
+                          run(1, args.threads, args.overrides, work)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    single, ddp = rows[0][1], rows[1][1]
+    lines = ["| set-up | samples/s (total) | samples/s per process | step ms | timed steps "
+             "| test accuracy | wall s (incl. start-up, evaluation) |",
+             "|---|---|---|---|---|---|---|"]
+    for label, final in rows:
+        per = final.get("samples_per_s_per_rank", final["samples_per_s"])
+        lines.append(f"| {label} | {final['samples_per_s']:.1f} | {per:.1f} | "
+                     f"{final['step_ms']:.0f} | {final['timed_steps']} | "
+                     f"{final.get('test_accuracy', float('nan')):.3f} | {final['wall_s']:.0f} |")
     efficiency = ddp["samples_per_s"] / single["samples_per_s"]
-    print(f"scaling efficiency (DDP / single): {efficiency:.2f}")
+    lines.append("")
+    lines.append(f"Scaling efficiency ({args.world} processes / 1 process, {total} threads "
+                 f"in total): {efficiency:.2f}")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        command = "python scripts/ddp_scaling.py " + " ".join(sys.argv[1:])
+        args.out.write_text(f"# Data-parallel scaling on CPU\n\n`{command}` "
+                            f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+                            f"load average at the start: {load:.1f})\n\n{text}\n")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,33 @@ def _choose(registry: dict, kind: str, name: str) -> str:
     return name
 
 
+def _autocast_of(z0: State) -> tuple[str, torch.dtype] | None:
+    """(device type, dtype) of the autocast active for the state's device, or None."""
+    first = z0 if isinstance(z0, torch.Tensor) else z0[0]
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return device_type, torch.get_autocast_dtype(device_type)
+
+
+def _to_float32(state: Any) -> Any:
+    """Floating tensors of a state (a tensor or a list/tuple of them) in float32."""
+    if isinstance(state, torch.Tensor):
+        return state.float() if state.is_floating_point() else state
+    return type(state)(_to_float32(s) for s in state)
+
+
+def _low_precision_layer(f: Callable[[State], State], device_type: str,
+                         dtype: torch.dtype) -> Callable[[State], State]:
+    """f under autocast (its convolutions and matmuls in `dtype`), its output in float32."""
+
+    def layer(z: State) -> State:
+        with torch.autocast(device_type, dtype=dtype):
+            return _to_float32(f(z))
+
+    return layer
+
+
 class DEQ(nn.Module):
     """Deep equilibrium layer: `z_star, stats = deq(f, z0)`.
 
@@ -183,6 +210,20 @@ class DEQ(nn.Module):
         amortised solves: warm-started at the previous training step's fixed point, one solver
         step per training step follows the moving fixed point.
         """
+        autocast = _autocast_of(z0)
+        if autocast is not None:
+            # Mixed precision: f computes under the caller's autocast, its output comes back in
+            # float32, and the solver (state, residuals, Anderson's Gram solve, Broyden's updates)
+            # runs with autocast off, in float32. Backward hooks re-enter f through its graph.
+            device_type, dtype = autocast
+            f, z0 = _low_precision_layer(f, device_type, dtype), _to_float32(z0)
+            with torch.autocast(device_type, enabled=False):
+                return self._forward(f, z0, pretrain, outer_grad, max_iter)
+        return self._forward(f, z0, pretrain, outer_grad, max_iter)
+
+    def _forward(self, f: Callable[[State], State], z0: State, pretrain: bool,
+                 outer_grad: Callable[[State], State] | None,
+                 max_iter: int | None) -> tuple[State, DEQStats]:
         if pretrain:
             return self.unrolled(f, z0)
         if max_iter is not None and int(max_iter) < 1:

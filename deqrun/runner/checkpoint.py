@@ -21,6 +21,7 @@ from torch import nn
 
 from deqrun.errors import CheckpointError, ConfigError, WriteError
 from deqrun.runner.progress import Progress
+from deqrun.runner.rng import restore_cuda_rng
 
 # Options a resumed run must share with the checkpoint: they define the parameters, the state the
 # solver or gradient carries, the optimiser state, and the order of the training data.
@@ -137,8 +138,7 @@ def restore(path: Path, state: dict[str, Any], model: nn.Module,
             raise CheckpointError(f"checkpoint {path}: the optimiser state does not fit "
                                   f"({error})") from None
     torch.set_rng_state(state["rng_cpu"].cpu())
-    if state.get("rng_cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+    restore_cuda_rng(state.get("rng_cuda") or [])  # tolerates another number of GPUs
     if any(key.split(" ")[0] in DATA_ORDER_KEYS for key in changed) and progress.step_in_epoch:
         progress.step_in_epoch = 0
         progress.epoch_task, progress.epoch_solver = {}, {}

@@ -181,10 +181,12 @@ def setup_distributed(mode: str, device: str, env: Mapping[str, str] | None = No
     return DistributedContext(info.rank, info.world_size, info.local_rank, chosen, backend)
 
 
-def teardown_distributed(ctx: DistributedContext) -> None:
-    """Leave the process group (after a barrier, so no rank exits while others still reduce)."""
+def teardown_distributed(ctx: DistributedContext, wait: bool = True) -> None:
+    """Leave the process group (after a barrier, so no rank exits while others still reduce;
+    `wait=False` after an error, when the other ranks may never reach the barrier)."""
     if ctx.distributed and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -222,6 +224,25 @@ def reduce_sums(sums: Mapping[str, Any], ctx: DistributedContext) -> dict[str, f
                           device=ctx.device)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     return dict(zip(keys, packed.tolist()))
+
+
+def sum_values(values: list[float], ctx: DistributedContext) -> list[float]:
+    """Add a list of numbers over ranks, element by element (every rank passes the same length:
+    one all-reduce, for the per-step sums)."""
+    if not ctx.distributed:
+        return [float(v) for v in values]
+    packed = torch.tensor([float(v) for v in values], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    return packed.tolist()
+
+
+def gather(value: Any, ctx: DistributedContext) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order."""
+    if not ctx.distributed:
+        return [value]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def max_over_ranks(value: float, ctx: DistributedContext) -> float:
@@ -319,9 +340,13 @@ def shard_batches(task: Task, epoch: int, options: LoaderOptions, ctx: Distribut
         sampler = ShardSampler(len(task.train_set), ctx, options.seed * SHUFFLE_SEED_STRIDE)
         sampler.set_epoch(epoch)
         sampler.start = skip * local.batch_size
+        # The generator gives the workers the base seed of the 1-process loader (its first draw)
+        # and keeps the loader from drawing from the global generator (dropout masks).
+        generator = torch.Generator().manual_seed(sampler.seed + epoch)
         return DataLoader(task.train_set, batch_size=local.batch_size, sampler=sampler,
                           num_workers=local.num_workers, pin_memory=local.pin_memory,
-                          collate_fn=task.collate)
+                          collate_fn=task.collate, generator=generator,
+                          persistent_workers=False)
     if not ctx.distributed:
         return _skipped(task.train_batches(epoch, options), skip)
     own = getattr(task, "shard_batches", None)

@@ -63,7 +63,7 @@ class NumericsPolicy:
 
 def check_precision(precision: Any) -> str:
     """'32', 'bf16' or 'fp16' (32 may come as an int from YAML), or ConfigError."""
-    value = str(precision)
+    value = "32" if str(precision) == "fp32" else str(precision)
     if value not in DTYPES:
         raise ConfigError(f"trainer.precision must be 32, bf16 or fp16, got {precision!r}")
     return value
