@@ -28,7 +28,7 @@ from deqrun import registry
 from deqrun.errors import ConfigError
 
 # Schemas use typing.Optional / List / Dict: OmegaConf reads these annotations at run time.
-# ruff: noqa: UP006, UP007, UP045
+# ruff: noqa: UP006, UP007, UP035, UP045
 
 GROUPS = ("model", "solver", "grad", "task", "optim", "logger", "trainer")
 ROOT_KEYS = {*GROUPS, "k", "lambda", "row", "report", "run_name", "hydra"}
