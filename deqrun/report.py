@@ -405,8 +405,12 @@ def paper_entry(table: Table, row: Row) -> dict[str, Any]:
 
 
 def _paper(table: Table, row: Row, key: str) -> str:
-    value = paper_entry(table, row).get(key)
-    return "–" if value is None else str(value)
+    """The paper's number, with its std where the paper file gives one (<key>_std)."""
+    entry = paper_entry(table, row)
+    value, spread = entry.get(key), entry.get(f"{key}_std")
+    if value is None:
+        return "–"
+    return f"{value} ± {spread}" if spread is not None else str(value)
 
 
 def _accuracy(stats: dict[str, Any], key: str = "accuracy") -> str:
