@@ -17,6 +17,8 @@ sets x folds):
   as rows.<row>.<value> in the paper file (else rows.<row>); groups: the expected values, in order.
 - replicate_key: the config key averaged over (default trainer.seed; e.g. task.fold), whose
   expected values are `seeds`.
+- paper_group: for a table without group_by, the paper's group to read (rows.<row>.<value>),
+  e.g. PPI.
 - metrics: `final` keys shown as columns under their own names (mean ± std over the replicates,
   times metric_scale), e.g. [test_accuracy_val_selected, test_accuracy_max_over_epochs], in place
   of the headline and best-epoch columns.
@@ -399,8 +401,9 @@ def _number(value: float | None, digits: int = 2) -> str:
 def paper_entry(table: Table, row: Row) -> dict[str, Any]:
     """The paper's numbers for the row: rows.<row>.<group> when the paper has them per group."""
     entry = table.papers.get(row.id, {})
-    if row.group and isinstance(entry.get(row.group), dict):
-        return dict(entry[row.group], paper=entry.get("paper"))
+    group = row.group or str(table.meta.get("paper_group") or "")
+    if group and isinstance(entry.get(group), dict):
+        return dict(entry[group], paper=entry.get("paper"))
     return entry
 
 

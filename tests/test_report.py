@@ -262,3 +262,18 @@ def test_grouped_table_rows_by_dataset_over_folds_with_both_protocols(tmp_path):
         ("COX2", "implicit"), ("COX2", "upg"), ("PROTEINS", "implicit"), ("PROTEINS", "upg")]
     assert float(rows[0]["test_accuracy_max_over_epochs"]) == pytest.approx(85.0)
     assert rows[2]["paper_accuracy"] == "78.6" and rows[1]["not_averaged"] == "fold1:failed"
+
+
+def test_ungrouped_table_reads_the_papers_group_named_by_paper_group(tmp_path):
+    """The PPI sweep of the IGNN paper table: no groups, the paper's rows.<row>.PPI numbers."""
+    meta = dict(GROUPED, group_by=[], replicate_key="trainer.seed", seeds=[0], metric="micro_f1",
+                metrics=["test_micro_f1_max_over_epochs"], paper_key="micro_f1", metric_scale=100,
+                paper_group="PPI")
+    for row in ("implicit", "upg"):
+        write_run(tmp_path, row, 0, numbers=dict(final(0.5, 10.0, 10.0, 1),
+                                                 test_micro_f1_max_over_epochs=0.9),
+                  report=meta)
+    assert run([str(tmp_path)]) == 0
+    text = (tmp_path / "table.md").read_text()
+    assert "| implicit (IFT) | implicit | 1/1 | 90.00 | 97.6 |" in text
+    assert "| UPG A_{5,0.5} | upg | 1/1 | 90.00 | 98.2 |" in text
