@@ -20,7 +20,7 @@ import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,7 +28,7 @@ from deqrun import registry
 from deqrun.errors import ConfigError
 
 # Schemas use typing.Optional / List / Dict: OmegaConf reads these annotations at run time.
-# ruff: noqa: UP006, UP007, UP045
+# ruff: noqa: UP006, UP007, UP035, UP045
 
 GROUPS = ("model", "solver", "grad", "task", "optim", "logger", "trainer")
 ROOT_KEYS = {*GROUPS, "k", "lambda", "row", "report", "run_name", "hydra"}
@@ -52,6 +52,8 @@ class OptimConfig:
     schedule: str = "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
+    milestones: List[int] = field(default_factory=list)
+    gamma: float = 0.1
     grad_clip: Optional[float] = None
 
     def check(self) -> None:
@@ -59,8 +61,14 @@ class OptimConfig:
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _require(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
         _require(0 <= self.momentum < 1, "optim.momentum must be in [0, 1)")
-        _require(self.schedule in ("cosine", "constant"),
-                 "optim.schedule must be cosine or constant")
+        _require(self.schedule in ("cosine", "constant", "step"),
+                 "optim.schedule must be cosine, constant or step")
+        _require(all(m >= 1 for m in self.milestones),
+                 f"optim.milestones must be epochs >= 1, got {list(self.milestones)}")
+        _require(self.schedule != "step" or len(self.milestones) > 0,
+                 "optim.schedule=step needs optim.milestones (epochs after which the rate is "
+                 "multiplied by optim.gamma), e.g. optim.milestones=[50] optim.gamma=0.5")
+        _require(0 < self.gamma <= 1, f"optim.gamma must be in (0, 1], got {self.gamma}")
         _require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
         _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
         _require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip must be > 0")

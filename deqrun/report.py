@@ -9,6 +9,19 @@ method with k and lambda; numbers are averaged over the completed seeds. The row
 table expects come from the `report` key of the run configs (or of the sweep's multirun.yaml), so
 failed, interrupted and missing runs are listed by name, and rows without a finished run still
 appear. Paper numbers come from configs/paper/NAME.yaml.
+
+Optional `report` keys for tables swept over more than rows and seeds (the IGNN table: rows x data
+sets x folds):
+- group_by: config keys (e.g. [task.dataset]); the table has one block of rows per value, with
+  speed and memory ratios to the baseline row of the same block and the paper's number looked up
+  as rows.<row>.<value> in the paper file (else rows.<row>); groups: the expected values, in order.
+- replicate_key: the config key averaged over (default trainer.seed; e.g. task.fold), whose
+  expected values are `seeds`.
+- paper_group: for a table without group_by, the paper's group to read (rows.<row>.<value>),
+  e.g. PPI.
+- metrics: `final` keys shown as columns under their own names (mean ± std over the replicates,
+  times metric_scale), e.g. [test_accuracy_val_selected, test_accuracy_max_over_epochs], in place
+  of the headline and best-epoch columns.
 """
 
 from __future__ import annotations
@@ -44,10 +57,11 @@ class Run:
     row: str
     label: str
     method: str
-    seed: int | None
+    seed: Any  # the replicate: trainer.seed, or the config value at report.replicate_key
     status: str
     final: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    group: str = ""  # the values of report.group_by ("" without grouping)
 
 
 @dataclass
@@ -57,12 +71,22 @@ class Row:
     id: str
     label: str
     runs: list[Run] = field(default_factory=list)
-    missing_seeds: list[int] = field(default_factory=list)
+    missing_seeds: list[Any] = field(default_factory=list)
     expected: int | None = None
+    group: str = ""  # the block of a grouped table (report.group_by), "" otherwise
+
+    @property
+    def key(self) -> str:
+        """Where the row's stats are: its id, or 'group / id' in a grouped table."""
+        return row_key(self.group, self.id)
 
     @property
     def completed(self) -> list[Run]:
         return [run for run in self.runs if run.status == COMPLETED]
+
+
+def row_key(group: str, row_id: str) -> str:
+    return f"{group} / {row_id}" if group else row_id
 
 
 # ---- reading the sweep -------------------------------------------------------------------------
@@ -125,18 +149,43 @@ def grad_signature(grad: dict[str, Any] | None) -> str:
     return " ".join(parts)
 
 
-def load_run(folder: Path) -> Run:
-    """A job folder as a Run; a missing or broken metrics.json becomes its status."""
+def config_value(config: dict[str, Any], dotted: str) -> Any:
+    """config['a']['b'] for 'a.b', None where a key is missing."""
+    value: Any = config
+    for key in dotted.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def group_keys(meta: dict[str, Any] | None) -> list[str]:
+    keys = (meta or {}).get("group_by") or []
+    return [str(keys)] if isinstance(keys, str) else [str(key) for key in keys]
+
+
+def replicate_key(meta: dict[str, Any] | None) -> str:
+    return str((meta or {}).get("replicate_key") or "trainer.seed")
+
+
+def expected_runs(meta: dict[str, Any]) -> int:
+    """Jobs the table expects: rows x groups x seeds (replicates); 0 if it does not say."""
+    groups = len(meta.get("groups") or []) if group_keys(meta) else 1
+    return len(meta.get("rows") or []) * groups * len(meta.get("seeds") or [])
+
+
+def load_run(folder: Path, meta: dict[str, Any] | None = None) -> Run:
+    """A job folder as a Run; a missing or broken metrics.json becomes its status. `meta` (the
+    table's report metadata) says which config keys group runs and which one is the replicate."""
     metrics, problem = read_metrics(folder)
     config = read_job_config(folder, metrics)
     method = grad_signature(config.get("grad"))
     row = config.get("row") or {}
     row = {"id": row} if isinstance(row, str) else row
-    seed = (config.get("trainer") or {}).get("seed")
+    seed = config_value(config, replicate_key(meta))
+    group = ", ".join(str(config_value(config, key)) for key in group_keys(meta))
     return Run(folder=folder.name, row=str(row.get("id") or method),
                label=str(row.get("label") or row.get("id") or method), method=method,
                seed=seed, status=problem or str(metrics.get("status", "no status")),
-               final=metrics.get("final") or {}, error=metrics.get("error"))
+               final=metrics.get("final") or {}, error=metrics.get("error"), group=group)
 
 
 def table_meta(sweep: Path, folders: list[Path]) -> dict[str, Any]:
@@ -155,13 +204,15 @@ def table_meta(sweep: Path, folders: list[Path]) -> dict[str, Any]:
 
 
 # ---- rows and numbers ---------------------------------------------------------------------------
-def build_rows(runs: list[Run], meta: dict[str, Any]) -> list[Row]:
+def build_rows(runs: list[Run], meta: dict[str, Any], group: str = "") -> list[Row]:
     """Rows in the table's order, then any others; expected seeds without a folder are missing."""
     seeds = list(meta.get("seeds") or [])
-    rows = {str(row_id): Row(id=str(row_id), label=str(row_id), expected=len(seeds) or None)
+    rows = {str(row_id): Row(id=str(row_id), label=str(row_id), expected=len(seeds) or None,
+                             group=group)
             for row_id in meta.get("rows") or []}
-    for run in sorted(runs, key=lambda r: (r.seed is None, r.seed or 0, r.folder)):
-        row = rows.setdefault(run.row, Row(id=run.row, label=run.label))
+    for run in sorted(runs, key=lambda r: (r.seed is None, str(type(r.seed)), r.seed or 0,
+                                           r.folder)):
+        row = rows.setdefault(run.row, Row(id=run.row, label=run.label, group=group))
         row.label = run.label
         row.runs.append(run)
     for row in rows.values():
@@ -169,6 +220,16 @@ def build_rows(runs: list[Run], meta: dict[str, Any]) -> list[Row]:
             found = {run.seed for run in row.runs}
             row.missing_seeds = [seed for seed in seeds if seed not in found]
     return list(rows.values())
+
+
+def build_groups(runs: list[Run], meta: dict[str, Any]) -> list[Row]:
+    """The rows of every group (report.group_by) in the order of report.groups, then others."""
+    if not group_keys(meta):
+        return build_rows(runs, meta)
+    groups = list(dict.fromkeys([str(g) for g in meta.get("groups") or []]
+                                + [run.group for run in runs]))
+    return [row for group in groups
+            for row in build_rows([run for run in runs if run.group == group], meta, group)]
 
 
 def memory_measure(runs: list[Run]) -> tuple[str, str]:
@@ -194,7 +255,9 @@ class Headline:
     report.metric names the task metric (accuracy, perplexity, f1, psnr, ...); metric_key and
     best_key the `final` entries averaged (default test_<metric>, best_test_<metric>); scale
     multiplies them (100 for accuracy); label and best_label head the columns; the paper's
-    number is read under paper_key (default: the metric's name, `accuracy` for accuracy).
+    number is read under paper_key (default: the metric's name, `accuracy` for accuracy);
+    report.metrics, if given, lists the `final` keys shown (each under its own name, mean ± std)
+    in place of the headline and best-epoch columns.
     """
 
     key: str = "test_accuracy"
@@ -203,6 +266,7 @@ class Headline:
     label: str = "test acc. %"
     best_label: str = "best-epoch acc. %"
     paper_key: str = "accuracy"
+    metrics: tuple[str, ...] = ()
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Headline:
@@ -217,7 +281,8 @@ class Headline:
                    scale=float(meta.get("metric_scale") or default.scale),
                    label=str(meta.get("metric_label") or default.label),
                    best_label=str(meta.get("best_label") or default.best_label),
-                   paper_key=str(meta.get("paper_key") or default.paper_key))
+                   paper_key=str(meta.get("paper_key") or default.paper_key),
+                   metrics=tuple(str(key) for key in meta.get("metrics") or ()))
 
 
 def row_stats(row: Row, memory_key: str, headline: Headline | None = None,
@@ -230,7 +295,12 @@ def row_stats(row: Row, memory_key: str, headline: Headline | None = None,
                 if isinstance(run.final.get(key), (int, float))]
 
     accuracy = values(headline.key, headline.scale)
-    return dict(accuracy=_mean(accuracy),
+    extra = {}
+    for key in headline.metrics:
+        numbers = values(key, headline.scale)
+        extra[key] = _mean(numbers)
+        extra[f"{key}_std"] = statistics.stdev(numbers) if len(numbers) > 1 else None
+    return dict(**extra, accuracy=_mean(accuracy),
                 accuracy_std=statistics.stdev(accuracy) if len(accuracy) > 1 else None,
                 best_accuracy=_mean(values(headline.best_key, headline.scale)),
                 samples_per_s=_mean(values("samples_per_s")),
@@ -261,7 +331,8 @@ def paper_dir() -> Path:
 
 
 def load_papers(names: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Paper numbers per row id (the first paper that has the row wins) and each paper's title."""
+    """Paper numbers per row id (the first paper that has the row wins) and each paper's title
+    (with its protocol, if the file states one)."""
     numbers: dict[str, dict[str, Any]] = {}
     titles: dict[str, str] = {}
     for name in names:
@@ -271,6 +342,8 @@ def load_papers(names: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, 
             raise ReportError(f"no paper numbers named {name!r}; available: {available}")
         content = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         titles[name] = str(content.get("title", name))
+        if content.get("protocol"):
+            titles[name] += f"; protocol: {content['protocol']}"
         for row_id, values in (content.get("rows") or {}).items():
             numbers.setdefault(str(row_id), dict(values, paper=name))
     return numbers, titles
@@ -284,7 +357,7 @@ class Table:
     sweep: Path
     meta: dict[str, Any]
     rows: list[Row]
-    stats: dict[str, dict[str, Any]]
+    stats: dict[str, dict[str, Any]]  # per Row.key (the row id, or 'group / id' when grouped)
     baseline: str
     memory_note: str
     papers: dict[str, dict[str, Any]]
@@ -306,15 +379,15 @@ def build_table(sweep: Path, paper_names: list[str] | None = None) -> Table:
     if not folders:
         raise ReportError(f"no runs in {sweep}: no job folder with metrics.json or .hydra/")
     meta = table_meta(sweep, folders)
-    rows = build_rows([load_run(folder) for folder in folders], meta)
+    rows = build_groups([load_run(folder, meta) for folder in folders], meta)
     memory_key, memory_note = memory_measure([run for row in rows for run in row.runs])
     headline = Headline.from_meta(meta)
-    stats = {row.id: row_stats(row, memory_key, headline) for row in rows}
+    stats = {row.key: row_stats(row, memory_key, headline) for row in rows}
     baseline = str(meta.get("baseline") or default_baseline(rows))
-    base = stats.get(baseline)
-    for row_stat in stats.values():
-        row_stat.update(ratios(row_stat, base) if base else
-                        dict.fromkeys(("train_speed", "backward_speed", "peak_memory")))
+    for row in rows:  # ratios to the baseline row of the same group
+        base = stats.get(row_key(row.group, baseline))
+        stats[row.key].update(ratios(stats[row.key], base) if base else
+                              dict.fromkeys(("train_speed", "backward_speed", "peak_memory")))
     names = list(meta.get("papers") or []) if paper_names is None else paper_names
     papers, titles = load_papers(names)
     return Table(sweep=sweep, meta=meta, rows=rows, stats=stats, baseline=baseline,
@@ -325,16 +398,41 @@ def _number(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def paper_entry(table: Table, row: Row) -> dict[str, Any]:
+    """The paper's numbers for the row: rows.<row>.<group> when the paper has them per group."""
+    entry = table.papers.get(row.id, {})
+    group = row.group or str(table.meta.get("paper_group") or "")
+    if group and isinstance(entry.get(group), dict):
+        return dict(entry[group], paper=entry.get("paper"))
+    return entry
+
+
 def _paper(table: Table, row: Row, key: str) -> str:
-    value = table.papers.get(row.id, {}).get(key)
-    return "–" if value is None else str(value)
-
-
-def _accuracy(stats: dict[str, Any]) -> str:
-    if stats["accuracy"] is None:
+    """The paper's number, with its std where the paper file gives one (<key>_std)."""
+    entry = paper_entry(table, row)
+    value, spread = entry.get(key), entry.get(f"{key}_std")
+    if value is None:
         return "–"
-    spread = "" if stats["accuracy_std"] is None else f" ± {stats['accuracy_std']:.2f}"
-    return f"{stats['accuracy']:.2f}{spread}"
+    return f"{value} ± {spread}" if spread is not None else str(value)
+
+
+def _accuracy(stats: dict[str, Any], key: str = "accuracy") -> str:
+    if stats[key] is None:
+        return "–"
+    spread = "" if stats[f"{key}_std"] is None else f" ± {stats[f'{key}_std']:.2f}"
+    return f"{stats[key]:.2f}{spread}"
+
+
+def _grouped(table: Table) -> bool:
+    return bool(group_keys(table.meta))
+
+
+def _group_cells(table: Table, row: Row) -> list[str]:
+    return [row.group] if _grouped(table) else []
+
+
+def _group_header(table: Table) -> list[str]:
+    return [" / ".join(group_keys(table.meta))] if _grouped(table) else []
 
 
 def _methods(row: Row) -> str:
@@ -350,14 +448,17 @@ def main_table(table: Table) -> list[str]:
     """Our accuracy and ratios, each beside the paper's."""
     base = table.baseline
     h = table.headline
-    header = ["row", "method", "runs", h.label, h.best_label, f"paper {h.paper_key}",
+    metrics = list(h.metrics) or [h.label, h.best_label]
+    header = [*_group_header(table), "row", "method", "runs", *metrics, f"paper {h.paper_key}",
               f"train speed (x {base})", "paper", f"backward speed (x {base})", "paper",
               f"memory (x {base}) [1]", "paper"]
     body = []
     for row in table.rows:
-        s = table.stats[row.id]
+        s = table.stats[row.key]
         runs = f"{len(row.completed)}/{row.expected or len(row.runs)}"
-        body.append([row.label, _methods(row), runs, _accuracy(s), _number(s["best_accuracy"]),
+        ours = [_accuracy(s, key) for key in h.metrics] or [_accuracy(s),
+                                                            _number(s["best_accuracy"])]
+        body.append([*_group_cells(table, row), row.label, _methods(row), runs, *ours,
                      _paper(table, row, h.paper_key),
                      _number(s["train_speed"]), _paper(table, row, "train_speed"),
                      _number(s["backward_speed"]), _paper(table, row, "backward_speed"),
@@ -367,13 +468,14 @@ def main_table(table: Table) -> list[str]:
 
 def measured_table(table: Table) -> list[str]:
     """The absolute numbers behind the ratios."""
-    header = ["row", "samples/s", "forward ms", "backward ms", "memory MB [1]", "forward steps",
-              "backward steps"]
+    header = [*_group_header(table), "row", "samples/s", "forward ms", "backward ms",
+              "memory MB [1]", "forward steps", "backward steps"]
     body = []
     for row in table.rows:
-        s = table.stats[row.id]
+        s = table.stats[row.key]
         memory = None if s["memory_bytes"] is None else s["memory_bytes"] / 2**20
-        body.append([row.label, _number(s["samples_per_s"], 1), _number(s["forward_ms"], 1),
+        body.append([*_group_cells(table, row), row.label, _number(s["samples_per_s"], 1),
+                     _number(s["forward_ms"], 1),
                      _number(s["backward_ms"], 1), _number(memory, 1),
                      _number(s["forward_nstep"], 1), _number(s["backward_nstep"], 1)])
     return _markdown_table(header, body)
@@ -382,15 +484,22 @@ def measured_table(table: Table) -> list[str]:
 def not_averaged(table: Table) -> list[str]:
     """One line per run left out of the averages: failed, interrupted, unfinished or missing."""
     lines = []
+    replicate = _replicate_name(table.meta)
     for row in table.rows:
+        name = f"{row.group}, {row.label}" if row.group else row.label
         for run in row.runs:
             if run.status != COMPLETED:
                 reason = f": {run.error}" if run.error else ""
-                lines.append(f"- {row.label}, seed {run.seed} ({run.folder}): "
+                lines.append(f"- {name}, {replicate} {run.seed} ({run.folder}): "
                              f"**{run.status}**{reason}")
-        lines += [f"- {row.label}, seed {seed}: **missing** (no run folder in the sweep)"
+        lines += [f"- {name}, {replicate} {seed}: **missing** (no run folder in the sweep)"
                   for seed in row.missing_seeds]
     return lines
+
+
+def _replicate_name(meta: dict[str, Any]) -> str:
+    """'seed' for trainer.seed, else the replicate key's last part (task.fold -> fold)."""
+    return replicate_key(meta).split(".")[-1]
 
 
 def runs_section(table: Table) -> list[str]:
@@ -403,21 +512,34 @@ def runs_section(table: Table) -> list[str]:
 
 def notes(table: Table) -> list[str]:
     """What each number means, and where the papers' numbers come from."""
+    h, replicates = table.headline, f"{_replicate_name(table.meta)}s"
+    if h.metrics:
+        first = (f"{', '.join(f'`{key}`' for key in h.metrics)}: these entries of each run's "
+                 f"final metrics (x {h.scale:g}), mean ± sample standard deviation over the "
+                 f"completed {replicates}.")
+    else:
+        first = (f"{h.label}: the final evaluation's `{h.key}`, mean ± sample "
+                 f"standard deviation over the completed seeds; {h.best_label}: "
+                 f"`{h.best_key}`, the best evaluated epoch (the phantom paper's protocol).")
+    within = (f" (within each {' / '.join(group_keys(table.meta))})" if _grouped(table)
+              else "")
     lines = [
-        f"{table.headline.label}: the final evaluation's `{table.headline.key}`, mean ± sample "
-        f"standard deviation over the completed seeds; {table.headline.best_label}: "
-        f"`{table.headline.best_key}`, the best evaluated epoch (the phantom paper's protocol).",
-        f"Ratios to the row '{table.baseline}', from the means over seeds: train speed = samples/s"
+        first,
+        f"Ratios to the row '{table.baseline}'{within}, from the means over "
+        f"{replicates if h.metrics else 'seeds'}: train speed = samples/s"
         f" / {table.baseline}'s; backward speed = {table.baseline}'s backward ms / the row's; "
         f"memory = the row's bytes / {table.baseline}'s. Timings are means per training step, "
         "leaving out the first step and pretraining steps.",
         f"[1] {table.memory_note}",
     ]
-    if table.baseline not in table.stats or table.stats[table.baseline]["accuracy"] is None:
+    if not any(table.stats[row.key]["accuracy"] is not None for row in table.rows
+               if row.id == table.baseline):
         lines.append(f"No completed run of the row '{table.baseline}': no ratios.")
+    extra = table.meta.get("note") or []
+    lines += [str(extra)] if isinstance(extra, str) else [str(line) for line in extra]
     for name, title in table.titles.items():
-        rows = [row.label for row in table.rows
-                if table.papers.get(row.id, {}).get("paper") == name]
+        rows = list(dict.fromkeys(row.label for row in table.rows
+                                  if paper_entry(table, row).get("paper") == name))
         if rows:
             lines.append(f"Paper numbers for {', '.join(rows)}: {title} (configs/paper/{name}.yaml;"
                          " its ratios are to its own implicit row).")
@@ -439,17 +561,28 @@ CSV_FIELDS = ("row", "label", "method", "metric", "completed", "expected", "accu
               "paper_peak_memory", "not_averaged")
 
 
+def csv_fields(table: Table) -> list[str]:
+    """CSV_FIELDS, after a `group` column and before the report.metrics columns when set."""
+    metrics = [name for key in table.headline.metrics for name in (key, f"{key}_std")]
+    return ["group"] * _grouped(table) + list(CSV_FIELDS[:8]) + metrics + list(CSV_FIELDS[8:])
+
+
 def csv_rows(table: Table) -> list[dict[str, Any]]:
     """One dict per row: our numbers, the paper's, and the runs left out (seed:status)."""
     records = []
+    replicate = _replicate_name(table.meta)
+    fields = set(csv_fields(table))
     for row in table.rows:
-        paper = table.papers.get(row.id, {})
-        left_out = [f"seed{run.seed}:{run.status}" for run in row.runs if run.status != COMPLETED]
-        left_out += [f"seed{seed}:missing" for seed in row.missing_seeds]
+        paper = paper_entry(table, row)
+        left_out = [f"{replicate}{run.seed}:{run.status}" for run in row.runs
+                    if run.status != COMPLETED]
+        left_out += [f"{replicate}{seed}:missing" for seed in row.missing_seeds]
         record = dict(row=row.id, label=row.label, method=_methods(row), metric=table.headline.key,
                       completed=len(row.completed), expected=row.expected or len(row.runs),
                       paper=paper.get("paper", ""), not_averaged=";".join(left_out))
-        record.update({k: v for k, v in table.stats[row.id].items() if k in CSV_FIELDS})
+        if _grouped(table):
+            record["group"] = row.group
+        record.update({k: v for k, v in table.stats[row.key].items() if k in fields})
         record.update({f"paper_{k}": paper.get(k) for k in
                        ("train_speed", "backward_speed", "peak_memory")})
         record["paper_accuracy"] = paper.get(table.headline.paper_key)
@@ -463,7 +596,7 @@ def write_report(table: Table, out: Path) -> tuple[Path, Path]:
     markdown, spreadsheet = out / "table.md", out / "table.csv"
     markdown.write_text(render_markdown(table))
     with spreadsheet.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=csv_fields(table))
         writer.writeheader()
         writer.writerows(csv_rows(table))
     return markdown, spreadsheet

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deqrun.report import COMPLETED, job_folders, load_run, table_meta  # noqa: E402
+from deqrun.report import COMPLETED, expected_runs, job_folders, load_run, table_meta  # noqa: E402
 
 FIGURES = ("*.png", "*.svg", "*.pdf")
 
@@ -93,9 +93,9 @@ def table_state(name: str, root: Path) -> TableState:
         return state
     folders = job_folders(state.sweep)
     meta = table_meta(state.sweep, folders)
-    runs = [load_run(folder) for folder in folders]
+    runs = [load_run(folder, meta) for folder in folders]
     state.completed = sum(run.status == COMPLETED for run in runs)
-    state.expected = len(meta.get("rows") or []) * len(meta.get("seeds") or []) or len(runs)
+    state.expected = expected_runs(meta) or len(runs)
     state.problems = [f"{run.folder}: {run.status}" for run in runs if run.status != COMPLETED]
     report = state.sweep / "table.md"
     state.report = report if report.is_file() else None

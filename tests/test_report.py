@@ -198,3 +198,82 @@ def test_real_tiny_sweep_through_the_cli_then_the_report(tmp_path):
     upg = next(r for r in csv.DictReader((tmp_path / "sweep" / "table.csv").open())
                if r["row"] == "upg")
     assert float(upg["peak_memory"]) > 1.0 and float(upg["backward_speed"]) > 0
+
+
+GROUPED = dict(name="ignn", scale="smoke", title="IGNN test table", papers=["ignn"],
+               baseline="implicit", rows=["implicit", "upg"], group_by=["task.dataset"],
+               groups=["COX2", "PROTEINS"], replicate_key="task.fold", seeds=[0, 1],
+               metrics=["test_accuracy_val_selected", "test_accuracy_max_over_epochs"],
+               note="val-selected vs max-over-epochs, explained")
+
+
+def write_fold(sweep: Path, row: str, dataset: str, fold: int, selected: float, best: float,
+               samples_per_s: float, saved: int, status: str = "completed") -> None:
+    folder = sweep / f"{dataset}-{row}-fold{fold}"
+    folder.mkdir(parents=True)
+    numbers = dict(final(0.5, samples_per_s, 10.0, saved), test_accuracy_val_selected=selected,
+                   test_accuracy_max_over_epochs=best)
+    config = dict(grad=dict(name=row), trainer=dict(seed=0), report=GROUPED,
+                  task=dict(name="tu", dataset=dataset, fold=fold),
+                  row=dict(id=row, label=LABELS[row]))
+    content = dict(status=status, config=config)
+    if status == "completed":
+        content["final"] = numbers
+    (folder / "metrics.json").write_text(json.dumps(content))
+
+
+def test_grouped_table_rows_by_dataset_over_folds_with_both_protocols(tmp_path):
+    """Rows x data sets, mean ± std over folds, per-dataset ratios and paper numbers."""
+    sweep = tmp_path / "sweep"
+    write_fold(sweep, "implicit", "COX2", 0, 0.80, 0.84, 100.0, 1_000)
+    write_fold(sweep, "implicit", "COX2", 1, 0.78, 0.86, 100.0, 1_000)
+    write_fold(sweep, "upg", "COX2", 0, 0.70, 0.90, 300.0, 4_000)
+    write_fold(sweep, "upg", "COX2", 1, 0.0, 0.0, 0.0, 0, status="failed")
+    write_fold(sweep, "implicit", "PROTEINS", 0, 0.60, 0.70, 50.0, 2_000)
+    write_fold(sweep, "implicit", "PROTEINS", 1, 0.62, 0.72, 50.0, 2_000)
+    write_fold(sweep, "upg", "PROTEINS", 0, 0.64, 0.74, 25.0, 1_000)
+    table = build_table(sweep)
+    assert [(row.group, row.id) for row in table.rows] == [
+        ("COX2", "implicit"), ("COX2", "upg"), ("PROTEINS", "implicit"), ("PROTEINS", "upg")]
+    cox2 = table.stats["COX2 / implicit"]
+    assert cox2["test_accuracy_val_selected"] == pytest.approx(79.0)
+    assert cox2["test_accuracy_val_selected_std"] == pytest.approx(statistics.stdev([80, 78]))
+    assert cox2["test_accuracy_max_over_epochs"] == pytest.approx(85.0)
+    # ratios to the implicit row of the same data set
+    assert table.stats["COX2 / upg"]["train_speed"] == pytest.approx(3.0)
+    assert table.stats["COX2 / upg"]["peak_memory"] == pytest.approx(4.0)
+    assert table.stats["PROTEINS / upg"]["train_speed"] == pytest.approx(0.5)
+    assert table.stats["PROTEINS / upg"]["peak_memory"] == pytest.approx(0.5)
+    assert table.rows[3].missing_seeds == [1] and table.rows[1].missing_seeds == []
+
+    assert run([str(sweep)]) == 0
+    text = (sweep / "table.md").read_text()
+    assert ("| task.dataset | row | method | runs | test_accuracy_val_selected | "
+            "test_accuracy_max_over_epochs | paper accuracy |") in text
+    assert ("| COX2 | implicit (IFT) | implicit | 2/2 | 79.00 ± 1.41 | 85.00 ± 1.41 | 84.1 ± 2.9 |"
+            in text)
+    assert "| PROTEINS | UPG A_{5,0.5} | upg | 1/2 | 64.00 | 74.00 | 78.4 | 0.50 |" in text
+    assert "COX2, UPG A_{5,0.5}, fold 1 (COX2-upg-fold1): **failed**" in text
+    assert "PROTEINS, UPG A_{5,0.5}, fold 1: **missing**" in text
+    assert "val-selected vs max-over-epochs, explained" in text
+    assert "protocol: max-over-epochs test accuracy" in text
+    rows = list(csv.DictReader((sweep / "table.csv").open()))
+    assert [(r["group"], r["row"]) for r in rows] == [
+        ("COX2", "implicit"), ("COX2", "upg"), ("PROTEINS", "implicit"), ("PROTEINS", "upg")]
+    assert float(rows[0]["test_accuracy_max_over_epochs"]) == pytest.approx(85.0)
+    assert rows[2]["paper_accuracy"] == "78.6" and rows[1]["not_averaged"] == "fold1:failed"
+
+
+def test_ungrouped_table_reads_the_papers_group_named_by_paper_group(tmp_path):
+    """The PPI sweep of the IGNN paper table: no groups, the paper's rows.<row>.PPI numbers."""
+    meta = dict(GROUPED, group_by=[], replicate_key="trainer.seed", seeds=[0], metric="micro_f1",
+                metrics=["test_micro_f1_max_over_epochs"], paper_key="micro_f1", metric_scale=100,
+                paper_group="PPI")
+    for row in ("implicit", "upg"):
+        write_run(tmp_path, row, 0, numbers=dict(final(0.5, 10.0, 10.0, 1),
+                                                 test_micro_f1_max_over_epochs=0.9),
+                  report=meta)
+    assert run([str(tmp_path)]) == 0
+    text = (tmp_path / "table.md").read_text()
+    assert "| implicit (IFT) | implicit | 1/1 | 90.00 | 97.6 |" in text
+    assert "| UPG A_{5,0.5} | upg | 1/1 | 90.00 | 98.2 |" in text

@@ -129,8 +129,11 @@ def test_ignn_tables_sweep_folds_datasets_and_rows(table):
         "${task.dataset}-${row.id}-fold${task.fold}")
     rows = [e.split("/")[-1] for e in sweep_values(table, "experiment")]
     assert rows == list(cfg.report.rows) == ["implicit", "upg", "upg_lambda1"]
-    assert sweep_values(table, "task.fold") == [str(f) for f in range(10)]
-    assert sweep_values(table, "task.dataset") == ["COX2", "PROTEINS"]
+    assert sweep_values(table, "task.fold") == [str(f) for f in cfg.report.seeds]
+    assert sweep_values(table, "task.dataset") == list(cfg.report.groups) == ["COX2", "PROTEINS"]
+    assert (list(cfg.report.group_by), cfg.report.replicate_key) == (["task.dataset"], "task.fold")
+    assert list(cfg.report.metrics) == ["test_accuracy_val_selected",
+                                        "test_accuracy_max_over_epochs"]
     configs = composed_many([[f"table={table}", f"experiment=ignn/{row}", "task.fold=3"]
                              for row in rows])
     grads = []
@@ -139,6 +142,11 @@ def test_ignn_tables_sweep_folds_datasets_and_rows(table):
         assert (run.model.name, run.task.name, run.task.fold) == ("ignn", "tu", 3)
         assert (run.solver.name, run.solver.f_max_iter, run.solver.f_tol) == (
             "fixed_point", 300, 3e-6)
-        assert (run.optim.lr, run.trainer.batch_size) == (1e-3, 128)
+        assert (run.optim.lr, run.trainer.batch_size, run.optim.schedule) == (
+            (1e-3, 128, "step") if table == "ignn_paper" else (1e-2, 32, "step"))
+        if table == "ignn_paper":  # the reference: 200 epochs, the rate halved from epoch 51 on
+            assert (run.trainer.epochs, list(run.optim.milestones)) == (200, [50])
+        assert run.optim.gamma == 0.5 and (run.model.direct_injection, run.model.bias) == (
+            False, False)
         grads.append((run.grad.name, getattr(run.grad, "lambda_", None)))
     assert grads == [("implicit", None), ("upg", 0.5), ("upg", 1.0)]

@@ -90,16 +90,21 @@ def build_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimize
     return optimizer(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to min_lr_ratio x lr (or constant), per step."""
+def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int,
+                    steps_per_epoch: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then per step: cosine decay to min_lr_ratio x lr, constant, or step (the
+    rate multiplied by gamma once per milestone epoch completed: milestones=[50] gamma=0.5 halves
+    it from the 51st epoch on, as the IGNN reference)."""
     o = config.optim
+    milestone_steps = sorted(m * max(steps_per_epoch, 1) for m in o.milestones)
 
     def factor(step: int) -> float:
         if step < o.warmup_steps:
             return (step + 1) / o.warmup_steps
         if o.schedule == "constant":
             return 1.0
+        if o.schedule == "step":
+            return o.gamma ** sum(step >= m for m in milestone_steps)
         progress = min((step - o.warmup_steps) / max(total_steps - o.warmup_steps, 1), 1.0)
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 

@@ -263,7 +263,7 @@ def prepare(config: RunConfig, resolved: dict[str, Any], run_dir: Path,
                                             ctx))
     total_steps = min(trainer.epochs * steps_per_epoch, trainer.max_steps or math.inf)
     optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(config, optimizer, total_steps)
+    scheduler = build_scheduler(config, optimizer, total_steps, steps_per_epoch)
     t = Training(config, resolved, task, model, optimizer, scheduler, device, run_dir,
                  total_steps, ctx=ctx, policy=policy, scaler=grad_scaler(policy, device))
     if state is not None:
