@@ -26,9 +26,10 @@ step's only f evaluation and its output is the next cached state, so each traini
 the state by one application of f. (A budget of 1 costs one more f evaluation for nothing: a
 solver returns its best iterate, and after one evaluation that is its starting point.) The
 DEQ's nstep reports the solver steps per training step (0 after the first). Evaluation keeps
-its own cache and always solves to its tolerance. The caches are warm starts only, so they are not cleared by reset_state (which the runner calls
-at every epoch, i.e. every step of a full-batch task); clear_cache() drops them, and they are
-not saved in checkpoints (a resumed run's first step solves from z = 0).
+its own cache and always solves to its tolerance. The caches are warm starts only, so they are
+not cleared by reset_state (which the runner calls at every epoch, i.e. every step of a
+full-batch task); clear_cache() drops them, and they are not saved in checkpoints (a resumed
+run's first step solves from z = 0).
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ backward, peak memory) and logged; epochs are evaluated and checkpointed at the 
 evaluated or checkpointed, or METRICS_EVERY_S seconds after the last write, not after every epoch
 (a full-batch task has one step per epoch). SIGINT/SIGTERM stop the run at the next safe point
 (after a step, or inside an evaluation, which is abandoned) with a checkpoint, so
-`trainer.resume=true` continues exactly where it stopped. A non-finite loss, gradient or weight, or a loss exploding over its running median,
-ends the run as `diverged` without taking the step (or skips the batch: trainer.on_divergence).
+`trainer.resume=true` continues exactly where it stopped. A non-finite loss, gradient or weight,
+or a loss exploding over its running median, ends the run as `diverged` without taking the step
+(or skips the batch: trainer.on_divergence).
 """
 
 from __future__ import annotations
