@@ -457,6 +457,21 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(tmp_path):
     assert read_metrics(tmp_path) is None
 
 
+# ---- convergence figures in the records ---------------------------------------------------------
+@pytest.mark.parametrize("tol,converged", [(1e9, 1.0), (1e-30, 0.0)])
+def test_convergence_share_and_median_steps_follow_the_tolerance(tmp_path, tol, converged):
+    """A tolerance every solve meets stops all of them after one step; one none can meet leaves
+    every sample unconverged at the full eval budget."""
+    args = [*FAST, "solver=anderson", "solver.stop_mode=abs", f"solver.f_tol={tol}",
+            f"solver.eval_f_tol={tol}", "solver.eval_f_max_iter=7", "run_name=conv"]
+    result = deqrun(args, tmp_path)
+    assert result.returncode == 0, result.stderr
+    final = strict_metrics(tmp_path / "outputs" / "runs" / "conv")["final"]
+    assert final["eval_converged"] == converged
+    assert final["train_converged"] == converged
+    assert final["eval_steps_median"] == (7.0 if converged == 0.0 else 1.0)
+
+
 def test_metrics_json_is_rewritten_at_evaluations_and_checkpoints_not_every_epoch(
         tmp_path, monkeypatch):
     """A full-batch task has one step per epoch: rewriting the whole history after each would

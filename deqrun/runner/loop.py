@@ -371,6 +371,7 @@ def step_record(t: Training, pretrain: bool, lr: float, metrics: dict[str, float
                   **metrics, lr=lr, **counts, **timing,
                   **{f"{unit}_per_s": n / seconds for unit, n in counts.items()},
                   nstep=float(stats.nstep.float().mean()), residual=float(stats.residual.mean()),
+                  converged=float(stats.converged.float().mean()),
                   diverged=int(stats.diverged.sum()))
     if stats.backward is not None:
         record["backward_nstep"] = float(stats.backward.nstep.float().mean())
@@ -420,6 +421,7 @@ def finish_epoch(t: Training) -> None:
                   **{f"train_{k}": v for k, v in task.reduce(p.epoch_task).items()},
                   train_nstep=solver.get("nstep", 0.0) / samples,
                   train_residual=solver.get("residual", 0.0) / samples,
+                  train_converged=solver.get("converged", 0.0) / samples,
                   lr=t.scheduler.get_last_lr()[0])
     last = p.step >= t.total_steps or p.epoch + 1 >= trainer.epochs
     evaluated = last or (p.epoch + 1) % trainer.eval_every == 0
@@ -455,6 +457,7 @@ def evaluate(t: Training, split: str) -> dict[str, float]:
     log.info("evaluating %s: %d batches", split, len(batches))
     sums: dict[str, float] = {}
     solver: dict[str, float] = {}
+    nsteps: list[torch.Tensor] = []
     with torch.set_grad_enabled(task.eval_with_grad):
         for batch in tqdm(batches, desc=f"eval {split}", leave=False, disable=t.show_progress()):
             if t.stop.stopped:
@@ -463,13 +466,21 @@ def evaluate(t: Training, split: str) -> dict[str, float]:
             with Timer(device) as timer:
                 output, stats = model(task.model_input(batch))
             add(sums, task.metric_sums(output, batch))
+            needed = getattr(stats.forward, "steps_to_tol", None) if stats.forward else None
+            nsteps.append((stats.nstep if needed is None else needed).reshape(-1).float().cpu())
             add(solver, {"nstep": stats.nstep.float().sum(), "residual": stats.residual.sum(),
+                         "converged": stats.converged.float().sum(),
                          "diverged": stats.diverged.sum(), "rows": len(stats.nstep),
                          "ms": timer.ms, **task.count(batch)})
     rows, prefix = max(solver.get("rows", 0.0), 1.0), "eval" if split == "test" else f"{split}_eval"
     out = {f"{split}_{k}": v for k, v in task.reduce(sums).items()}
     out.update({f"{prefix}_nstep": solver.get("nstep", 0.0) / rows,
                 f"{prefix}_residual": solver.get("residual", 0.0) / rows,
+                # The share of evaluated samples (segments, graphs, images) whose forward solve got
+                # under the tolerance, and the median over samples of the f evaluations each one
+                # needed to get there (the budget, solver.eval_f_max_iter, when it never did).
+                f"{prefix}_converged": solver.get("converged", 0.0) / rows,
+                f"{prefix}_steps_median": float(torch.cat(nsteps).median()) if nsteps else 0.0,
                 f"{prefix}_diverged": int(solver.get("diverged", 0.0)),
                 f"{prefix}_samples_per_s": solver.get("samples", 0.0) /
                 max(solver.get("ms", 0.0) / 1e3, 1e-9)})

@@ -55,7 +55,8 @@ class Progress:
         add(self.epoch_task, task_sums)
         samples = record["samples"]
         add(self.epoch_solver, {"nstep": record["nstep"], "residual": record["residual"],
-                                "samples": 1.0}, scale=samples)
+                                "converged": record.get("converged", 0.0), "samples": 1.0},
+            scale=samples)
         for key in ("saved_bytes", "peak_memory_bytes"):
             self.peaks[key] = max(self.peaks.get(key, 0), record[key])
         if record["pretrain"] or record["warmup"]:
