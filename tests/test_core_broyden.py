@@ -161,3 +161,38 @@ def test_steps_to_tol_is_the_first_step_under_tol_per_sample():
     assert result.steps_to_tol.tolist() == [int(under[:, i].nonzero()[0]) + 1 for i in range(2)]
     assert int(result.steps_to_tol[0]) < int(result.nstep[0])
     assert int(result.steps_to_tol[1]) == int(result.nstep[1]) == result.n_f_evals
+
+
+def test_broyden_memory_is_not_filled_in_deterministic_mode(monkeypatch):
+    """Deterministic mode fills torch.empty with NaN: Broyden's memory (room for every step the
+    solve may take) would be written in full at every solve. It is allocated unfilled, the
+    solve is the same, and the global flag is left as it was."""
+    from deqrun.core import solvers
+
+    allocated, real = [], solvers.unfilled_empty
+
+    def spy(like, *shape):
+        allocated.append(shape)
+        return real(like, *shape)
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.utils.deterministic.fill_uninitialized_memory
+        size = 16 * 2**20  # 64 MB: fresh (zero) pages from the system, NaN only if filled
+        assert torch.isnan(torch.zeros(1).new_empty(size)).all()  # what the fill does
+        buffer = solvers.unfilled_empty(torch.zeros(1), size)
+        assert not torch.isnan(buffer).all()
+        assert torch.utils.deterministic.fill_uninitialized_memory  # left as it was
+        del buffer
+        monkeypatch.setattr(solvers, "unfilled_empty", spy)
+        c = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(2, 6)
+        f = lambda z: 0.5 * torch.tanh(z) + c  # noqa: E731
+        filled = SOLVERS["broyden"](f, torch.zeros_like(c), max_iter=40, tol=1e-10,
+                                    stop_mode="abs")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    plain = SOLVERS["broyden"](f, torch.zeros_like(c), max_iter=40, tol=1e-10, stop_mode="abs")
+    torch.testing.assert_close(filled.z, plain.z, atol=0, rtol=0)
+    assert bool(filled.converged.all())
+    assert len(allocated) >= 2 and allocated[0] == (2, 39, 6)  # u and v of 39 slots

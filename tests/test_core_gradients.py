@@ -195,3 +195,41 @@ def test_jacobian_free_refine_moves_towards_exact():
     assert stats.backward is not None and stats.backward.n_f_evals == 3
     assert cosine(plain, exact) < cosine(refined, exact) < cosine(long, exact)
     assert cosine(long, exact) > 0.99999
+
+
+@pytest.mark.parametrize("grad, options", [("upg", dict(k=1, lambda_=1.0)),
+                                           ("npg", dict(k=3, lambda_=0.8)),
+                                           ("jacobian_free", {})])
+def test_zero_budget_attaches_the_gradient_at_the_given_state(grad, options):
+    """max_iter=0 (amortised training): no solver step, the method's f call is made at z0 and
+    its gradient is the one the method gives with z* = z0; the residual is that of z0."""
+    layer = make_tanh_layer(width=6, batch=2)
+    z0 = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    cotangent = torch.randn_like(z0)
+    calls = []
+
+    def counted(z):
+        calls.append(1)
+        return layer.f(z)
+
+    deq = DEQ("fixed_point", grad, **TIGHT, **options).train()
+    out, stats = deq(counted, z0, max_iter=0)
+    got = torch.autograd.grad((out * cotangent).sum(), layer.params())
+    assert len(calls) == 1 and stats.nstep.tolist() == [0, 0]
+    torch.testing.assert_close(out, layer.f(z0), atol=1e-12, rtol=0)
+    torch.testing.assert_close(stats.abs_residual, (layer.f(z0) - z0).norm(dim=1).detach())
+
+    # the same method attached at z0 by hand: a solve whose result is z0
+    from deqrun.core.solvers import SolverResult
+    fixed = SolverResult(z=z0, nstep=torch.zeros(2, dtype=torch.long),
+                         abs_residual=torch.zeros(2), rel_residual=torch.zeros(2),
+                         abs_trace=torch.zeros(1, 2), rel_trace=torch.zeros(1, 2),
+                         converged=torch.ones(2, dtype=torch.bool),
+                         diverged=torch.zeros(2, dtype=torch.bool), n_f_evals=0,
+                         stop_mode="abs", tol=1e-13)
+    expected_out = deq.gradient.attach(layer.f, z0, fixed, stats)
+    expected = torch.autograd.grad((expected_out * cotangent).sum(), layer.params())
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="max_iter"):
+        deq.eval()(layer.f, z0, max_iter=0)

@@ -40,8 +40,9 @@ def coords(n: int = 5, seed: int = 1, dtype=torch.float64) -> torch.Tensor:
 
 def dense_jacobian(model: CoordinateDEQ, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """df/dz at z for states (1, N, D), as an (N D) x (N D) matrix."""
-    injected = [tuple(None if t is None else t.detach() for t in layer)
-                for layer in model.injection(x)]
+    g0, *layers = model.injection(x)
+    injected = [g0.detach(), *(tuple(None if t is None else t.detach() for t in layer)
+                               for layer in layers)]
     flat = z.detach().reshape(-1)
     jac = torch.autograd.functional.jacobian(
         lambda v: model.f(v.reshape(z.shape), injected).reshape(-1), flat)
@@ -167,10 +168,37 @@ def test_amortised_training_steps_follow_the_fixed_point(filter_kind):
     for _ in range(60):
         output, stats = model(batch)
         steps.append(int(stats.nstep))
-    assert set(steps) == {1}  # one forward solver step per training step
+    assert set(steps) == {0}  # no solver step: the gradient's f(z_cached) moves the state
     model.clear_cache()
     cold, _ = model.eval()(x)
     torch.testing.assert_close(output, cold, atol=1e-8, rtol=0)
+
+
+def test_amortised_step_is_one_f_evaluation_from_the_cached_state():
+    deq = DEQ("fixed_point", "npg", f_max_iter=200, f_tol=1e-12, stop_mode="abs", k=2,
+              lambda_=1.0)
+    model = tiny_model("siren", deq=deq).train()
+    x = coords(7)
+    batch = {"coords": x, "key": "train"}
+    model(batch)
+    cached = model._caches[("train", "train")].z.clone()
+    with torch.no_grad():
+        model.filters[1].x_map.bias.add_(0.2)  # the fixed point moves
+    calls = []
+    f = model.f
+    model.f = lambda z, injected: calls.append(1) or f(z, injected)
+    output, stats = model(batch)
+    del model.f
+    expected = model.head(f(cached[None], model.injection(x))[0])
+    torch.testing.assert_close(output, expected, atol=1e-12, rtol=0)
+    assert len(calls) == 1 and int(stats.nstep) == 0
+    moved = model._caches[("train", "train")].z - cached
+    torch.testing.assert_close(float(stats.abs_residual), float(moved.norm()))
+    stepped = tiny_model("siren", deq=deq, amortised_steps=2).train()
+    stepped(batch)
+    with torch.no_grad():
+        stepped.filters[1].x_map.bias.add_(0.2)
+    assert stepped(batch)[1].forward.n_f_evals == 2
 
 
 def test_cache_survives_reset_state_and_can_be_switched_off():
@@ -178,7 +206,7 @@ def test_cache_survives_reset_state_and_can_be_switched_off():
     batch = {"coords": coords(), "key": "train"}
     model(batch)
     model.reset_state()
-    assert int(model(batch)[1].nstep) == 1
+    assert int(model(batch)[1].nstep) == 0
     off = tiny_model("fourier", amortise=False).train()
     off(batch)
     assert int(off(batch)[1].nstep) > 1
@@ -191,7 +219,7 @@ def test_minibatch_cache_by_index():
     second = {"coords": x[6:], "key": "train", "index": torch.arange(6, 12)}
     model(first)
     assert int(model(second)[1].nstep) > 1  # rows 6..11 never seen: a full solve
-    assert int(model(first)[1].nstep) == 1
+    assert int(model(first)[1].nstep) == 0
     model.eval()
     full, _ = model(x)
     part, _ = model({"coords": x[6:], "key": None})
@@ -305,4 +333,4 @@ def test_options_out_of_range_are_refused():
     with pytest.raises(ValueError, match="input_scale"):
         ISirenConfig(input_scale=-1.0).check()
     with pytest.raises(ValueError, match="amortised_steps"):
-        ISirenConfig(amortised_steps=0).check()
+        ISirenConfig(amortised_steps=-1).check()

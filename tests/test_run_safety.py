@@ -470,3 +470,31 @@ def test_convergence_share_and_median_steps_follow_the_tolerance(tmp_path, tol, 
     assert final["eval_converged"] == converged
     assert final["train_converged"] == converged
     assert final["eval_steps_median"] == (7.0 if converged == 0.0 else 1.0)
+
+
+def test_metrics_json_is_rewritten_at_evaluations_and_checkpoints_not_every_epoch(
+        tmp_path, monkeypatch):
+    """A full-batch task has one step per epoch: rewriting the whole history after each would
+    cost more than the step. Epochs 3 and 6 are evaluated, none other is checkpointed."""
+    from deqrun.runner import loop
+
+    writes = []
+    real = loop.write_metrics
+
+    def counted(run_dir, /, fresh=False, **fields):
+        if "history" in fields:
+            writes.append((fields["status"], len(fields["history"])))
+        return real(run_dir, fresh=fresh, **fields)
+
+    monkeypatch.setattr(loop, "write_metrics", counted)
+    args = [*FAST, "trainer.epochs=6", "trainer.eval_every=3", "trainer.checkpoint_every=6"]
+    result = deqrun([*args, "run_name=cadence"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert writes == [("running", 3), ("running", 6), ("completed", 6)]
+    metrics = strict_metrics(tmp_path / "outputs" / "runs" / "cadence")
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4, 5, 6]
+    writes.clear()
+    monkeypatch.setattr(loop, "METRICS_EVERY_S", 0.0)  # due at once: every epoch
+    result = deqrun([*args, "run_name=every"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert writes == [("running", n) for n in range(1, 7)] + [("completed", 6)]

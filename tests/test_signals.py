@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -185,7 +186,7 @@ def test_shared_kodak_and_bach_load(shared_data):
 
 
 @pytest.mark.parametrize("kind", ["image", "audio", "video"])
-def test_artifacts_are_written(kind, rgb_png, wav, frames_dir, tmp_path):
+def test_artifacts_are_written(kind, rgb_png, wav, frames_dir, tmp_path, caplog):
     if kind == "image":
         task = build_image_generalisation(ImageGeneralisationConfig(path=str(rgb_png[0])))
     elif kind == "audio":
@@ -197,7 +198,8 @@ def test_artifacts_are_written(kind, rgb_png, wav, frames_dir, tmp_path):
     task.final_metrics([{"epoch": 1, "test_psnr": 10.0, "train_psnr": 9.0},
                         {"epoch": 2, "test_psnr": 12.0, "train_psnr": 11.0}])
     run_dir = tmp_path / "run"
-    metrics = task.artifacts(model, run_dir, torch.device("cpu"))
+    with caplog.at_level(logging.INFO, logger="deqrun"):
+        metrics = task.artifacts(model, run_dir, torch.device("cpu"))
     assert (run_dir / "psnr.png").is_file()
     expected = {"image": ["comparison.png", "reconstruction.png"],
                 "audio": ["reconstruction.wav", "waveform.png"],
@@ -208,3 +210,7 @@ def test_artifacts_are_written(kind, rgb_png, wav, frames_dir, tmp_path):
     if kind == "audio":
         written, rate = soundfile.read(str(run_dir / "reconstruction.wav"))
         assert rate == 8000 and len(written) == 400
+        target = task.full.target.numpy()[:, 0]
+        file_psnr = -10 * math.log10(float(np.mean(((written - target) / 2) ** 2)))
+        assert psnr == pytest.approx(file_psnr, abs=1e-4)  # the file's PSNR, as written
+        assert f"wav_psnr={psnr:.4g}" in caplog.text

@@ -15,6 +15,7 @@ from torch import nn
 from .gradients import GRADIENTS
 from .jacobian import jacobian_penalty
 from .solvers import (
+    REL_EPS,
     SOLVERS,
     STOP_MODES,
     SolverResult,
@@ -207,8 +208,12 @@ class DEQ(nn.Module):
         """Solve (and in training attach the gradient method); outer_grad: see solve().
 
         max_iter, if given, replaces this call's forward budget. A smaller budget serves
-        amortised solves: warm-started at the previous training step's fixed point, one solver
-        step per training step follows the moving fixed point.
+        amortised solves: warm-started at the previous training step's fixed point, a few solver
+        steps per training step follow the moving fixed point. max_iter=0 (training only) takes
+        z0 as the fixed point without any solver step: the gradient method's own call f(z0)
+        (with graph) is then the only f evaluation of the step, and the residual reported is
+        that of z0, ||out - z0|| with `out` the method's output (f(z0) for every method but
+        upg with k > 1).
         """
         autocast = _autocast_of(z0)
         if autocast is not None:
@@ -226,11 +231,16 @@ class DEQ(nn.Module):
                  max_iter: int | None) -> tuple[State, DEQStats]:
         if pretrain:
             return self.unrolled(f, z0)
-        if max_iter is not None and int(max_iter) < 1:
-            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-        if not (self.training and torch.is_grad_enabled()):
+        training = self.training and torch.is_grad_enabled()
+        if max_iter is not None and int(max_iter) < (0 if training else 1):
+            raise ValueError(f"max_iter must be >= {0 if training else 1}"
+                             f"{' in training' if training else ' outside training'}, "
+                             f"got {max_iter}")
+        if not training:
             result = self.solve(f, z0, int(max_iter or self.eval_f_max_iter), self.eval_f_tol)
             return result.z, DEQStats(result)
+        if max_iter is not None and int(max_iter) == 0:
+            return self._taken_as_fixed_point(f, z0)
         if self.solver_options.get("opa_every", 0) > 0 and outer_grad is None:
             raise ValueError("opa_every > 0 needs the outer-loss gradient: "
                              "deq(f, z0, outer_grad=...)")
@@ -242,6 +252,32 @@ class DEQ(nn.Module):
         if self.jac_reg:
             stats.jac_loss = self._jacobian_loss(flat_f, z_star)
         z_out = self.gradient.attach(flat_f, z_star, result, stats)
+        return layout.unflatten(z_out), stats
+
+    def _taken_as_fixed_point(self, f: Callable[[State], State], z0: State,
+                              ) -> tuple[State, DEQStats]:
+        """Training with max_iter=0: attach the gradient method at z0 itself (see forward)."""
+        layout = StateLayout.of(z0)
+        flat_f = layout.flat_map(f)
+        z_star = layout.flatten(z0).detach()
+        batch = z_star.shape[0]
+        nan = z_star.new_full((batch,), float("nan"))
+        no = torch.zeros(batch, dtype=torch.bool, device=z_star.device)
+        stats = DEQStats(SolverResult(
+            z=z0, nstep=torch.zeros(batch, dtype=torch.long, device=z_star.device),
+            abs_residual=nan, rel_residual=nan, abs_trace=nan[None], rel_trace=nan[None],
+            converged=no, diverged=no, n_f_evals=0, stop_mode=self.stop_mode, tol=self.f_tol))
+        if self.jac_reg:
+            stats.jac_loss = self._jacobian_loss(flat_f, z_star)
+        z_out = self.gradient.attach(flat_f, z_star, stats.forward, stats)
+        with torch.no_grad():
+            abs_res = (z_out.detach() - z_star).norm(dim=1)
+            rel_res = abs_res / (z_out.detach().norm(dim=1) + REL_EPS)
+        result = stats.forward
+        result.abs_residual, result.rel_residual = abs_res, rel_res
+        result.abs_trace, result.rel_trace = abs_res[None], rel_res[None]
+        result.converged = (rel_res if self.stop_mode == "rel" else abs_res) <= self.f_tol
+        result.diverged = ~torch.isfinite(abs_res)
         return layout.unflatten(z_out), stats
 
     def _jacobian_loss(self, flat_f: Callable, z_star: torch.Tensor) -> torch.Tensor:

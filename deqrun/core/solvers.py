@@ -431,14 +431,29 @@ def _merge(mask: torch.Tensor, a: _Point, b: _Point) -> _Point:
     return _Point(*(torch.where(mask, x, y) for x, y in ((a.z, b.z), (a.fz, b.fz), (a.g, b.g))))
 
 
+def unfilled_empty(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """like.new_empty(shape) without deterministic mode's fill of uninitialised memory
+    (torch.use_deterministic_algorithms fills torch.empty with NaN). For buffers whose slots
+    are written before they are read, such as Broyden's memory: allocated for every step the
+    solve may take, it is touched only as far as the solve goes (a 65 536 x 256 state with
+    f_max_iter=30 would otherwise fill 3.7 GB per solve)."""
+    deterministic = torch.utils.deterministic
+    fill = deterministic.fill_uninitialized_memory
+    deterministic.fill_uninitialized_memory = False
+    try:
+        return like.new_empty(shape)
+    finally:
+        deterministic.fill_uninitialized_memory = fill
+
+
 class _BroydenMemory:
     """Rank-one pairs of the inverse estimate: fixed initial ones, then `mem` circular slots."""
 
     def __init__(self, z: torch.Tensor, mem: int, init_lowrank: tuple | None) -> None:
         batch, dim = z.shape
         n_init = 0 if init_lowrank is None else init_lowrank[0].shape[1]
-        self.u = z.new_empty(batch, n_init + mem, dim)
-        self.v = z.new_empty(batch, n_init + mem, dim)
+        self.u = unfilled_empty(z, batch, n_init + mem, dim)
+        self.v = unfilled_empty(z, batch, n_init + mem, dim)
         if n_init:
             self.u[:, :n_init], self.v[:, :n_init] = init_lowrank[0], init_lowrank[1]
         self.n_init, self.mem, self.count = n_init, mem, 0

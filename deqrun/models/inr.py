@@ -20,12 +20,16 @@ are those of the whole signal, as in the reference code.
 
 Amortised fixed points (on by default): with full-batch training each training step starts from
 the previous step's output, cached per coordinate set (the input's `key`), and runs
-`amortised_steps` solver steps (1 = the reference: one f evaluation per step after the first,
-plus the differentiable call of the gradient). The DEQ's nstep therefore reports the forward
-steps per training step. Evaluation keeps its own cache and always solves to its tolerance.
-The caches are warm starts only, so they are not cleared by reset_state (which the runner calls
-at every epoch, i.e. every step of a full-batch task); clear_cache() drops them, and they are
-not saved in checkpoints (a resumed run's first step solves from z = 0).
+`amortised_steps` solver steps. With 0 (the default, the reference's amortisation) the cached
+state is taken as the fixed point: the gradient method's differentiable call f(z_cached) is the
+step's only f evaluation and its output is the next cached state, so each training step moves
+the state by one application of f. (A budget of 1 costs one more f evaluation for nothing: a
+solver returns its best iterate, and after one evaluation that is its starting point.) The
+DEQ's nstep reports the solver steps per training step (0 after the first). Evaluation keeps
+its own cache and always solves to its tolerance. The caches are warm starts only, so they are
+not cleared by reset_state (which the runner calls at every epoch, i.e. every step of a
+full-batch task); clear_cache() drops them, and they are not saved in checkpoints (a resumed
+run's first step solves from z = 0).
 """
 
 from __future__ import annotations
@@ -63,7 +67,9 @@ class ISirenConfig:
     spectral_clip: Optional[float] = 0.97
     power_iterations: int = 5
     amortise: bool = True
-    amortised_steps: int = 1
+    # solver steps per warm-started training step; 0: none, the gradient method's call f(z) is
+    # the step's only f evaluation (the reference's amortisation)
+    amortised_steps: int = 0
 
     def check(self) -> None:
         parse_size(self.size)
@@ -71,8 +77,10 @@ class ISirenConfig:
             raise ValueError(f"model.input_scale must be > 0, got {self.input_scale}")
         if self.spectral_clip is not None and self.spectral_clip <= 0:
             raise ValueError(f"model.spectral_clip must be > 0, got {self.spectral_clip}")
-        if self.power_iterations < 1 or self.amortised_steps < 1:
-            raise ValueError("model.power_iterations and model.amortised_steps must be >= 1")
+        if self.power_iterations < 1:
+            raise ValueError(f"model.power_iterations must be >= 1, got {self.power_iterations}")
+        if self.amortised_steps < 0:
+            raise ValueError(f"model.amortised_steps must be >= 0, got {self.amortised_steps}")
 
 
 @dataclass
@@ -152,7 +160,7 @@ class CoordinateDEQ(DEQModel):
     def __init__(self, deq: DEQ, *, in_features: int, out_features: int, layers: int,
                  width: int, filter_kind: str, input_scale: float, implicit: bool = True,
                  spectral_clip: float | None = 0.97, power_iterations: int = 5,
-                 amortise: bool = True, amortised_steps: int = 1,
+                 amortise: bool = True, amortised_steps: int = 0,
                  gabor_alpha: float = 3.0) -> None:
         super().__init__()
         self.deq, self.width, self.filter_kind = deq, width, filter_kind
@@ -172,25 +180,25 @@ class CoordinateDEQ(DEQModel):
         self.head = nn.Linear(width, out_features)
         self._caches: dict[tuple[str, Any], _CacheEntry] = {}
 
-    def injection(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def injection(self, x: torch.Tensor) -> list[Any]:
         """What f needs of coordinates x (N, d), computed once per forward (after reset_norms):
-        per layer (offset_i, scale_i) with layer i = sin(z W_i^T + offset_i) (SIREN) or
-        scale_i * (z W_i^T + offset_i) (MFN). The input filter is folded into the first offset,
-        W_1 g0(x) + b_1, so that L_1(z + g0(x)) costs one fused matrix product."""
+        the input filter g0(x) and per layer (offset_i, scale_i) with layer i =
+        sin(h W_i^T + offset_i) (SIREN) or scale_i * (h W_i^T + offset_i) (MFN), h = z + g0(x)
+        for the first. (Folding W_1 g0(x) into the first offset instead would save an addition
+        per f evaluation but cost a full matrix product per forward and two per backward: more
+        than it saves when amortised steps make about one f evaluation per training step.)"""
         siren = self.filter_kind == "siren"
         filtered = [flt(x) for flt in self.filters]
         g0 = torch.sin(filtered[0]) if siren else filtered[0]
-        layers = []
-        for i, (layer, s) in enumerate(zip(self.recurrent, filtered[1:])):
-            offset = layer(g0) if i == 0 else layer.bias
-            layers.append((offset + s, None) if siren else (offset, s))
-        return layers
+        layers = [(layer.bias + s, None) if siren else (layer.bias, s)
+                  for layer, s in zip(self.recurrent, filtered[1:])]
+        return [g0, *layers]
 
-    def f(self, z: torch.Tensor, injected: list[tuple[torch.Tensor, torch.Tensor | None]],
-          ) -> torch.Tensor:
+    def f(self, z: torch.Tensor, injected: list[Any]) -> torch.Tensor:
         """One application of the equilibrium layer on states (1, N, width)."""
-        h = z.reshape(-1, self.width)
-        for layer, (offset, scale) in zip(self.recurrent, injected):
+        g0, *layers = injected
+        h = z.reshape(-1, self.width) + g0
+        for layer, (offset, scale) in zip(self.recurrent, layers):
             pre = torch.addmm(offset, h, layer.weight.T)
             h = torch.sin(pre) if scale is None else scale * pre
         return h.view_as(z)

@@ -3,11 +3,14 @@
 The loop knows a task only through deqrun.tasks.base.Task (batches, loss, metric sums and their
 reduction, the headline metric's name) and a model through deqrun.models.base.DEQModel.
 Every step is timed (forward, backward), measured (solver steps and residual, bytes saved for
-backward, peak memory) and logged; every epoch is evaluated, checkpointed and written to
-metrics.json. SIGINT/SIGTERM stop the run at the next safe point (after a step, or inside an
-evaluation, which is abandoned) with a checkpoint, so `trainer.resume=true` continues exactly where
-it stopped. A non-finite loss, gradient or weight, or a loss exploding over its running median,
-ends the run as `diverged` without taking the step (or skips the batch: trainer.on_divergence).
+backward, peak memory) and logged; epochs are evaluated and checkpointed at the trainer's cadence
+(eval_every, checkpoint_every), and metrics.json is rewritten (its whole history) when an epoch is
+evaluated or checkpointed, or METRICS_EVERY_S seconds after the last write, not after every epoch
+(a full-batch task has one step per epoch). SIGINT/SIGTERM stop the run at the next safe point
+(after a step, or inside an evaluation, which is abandoned) with a checkpoint, so
+`trainer.resume=true` continues exactly where it stopped. A non-finite loss, gradient or weight,
+or a loss exploding over its running median, ends the run as `diverged` without taking the step
+(or skips the batch: trainer.on_divergence).
 
 Scale-out: started as several processes (torchrun, SLURM tasks) with trainer.distributed=auto,
 the run is data-parallel (DistributedDataParallel; deqrun/runner/distributed.py): each rank trains
@@ -27,6 +30,7 @@ import math
 import signal
 import statistics
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +74,9 @@ from deqrun.studies.gradcheck import cosine, exact_method, parameter_gradients, 
 from deqrun.tasks.base import Task
 
 log = logging.getLogger("deqrun")
+# metrics.json holds the whole history; between evaluations and checkpoints it is rewritten at most
+# this often (rewriting it after every one-step epoch of a full-batch task costs more than the step)
+METRICS_EVERY_S = 30.0
 
 
 @dataclass
@@ -97,6 +104,7 @@ class Training:
     preempt: PreemptionSignals | None = None
     stopping: bool = False  # a stop every rank agreed on
     preempted: bool = False  # ... for a time-out or preemption (SIGUSR2), not SIGINT/SIGTERM
+    metrics_written: float = field(default_factory=time.monotonic)
 
     @property
     def checkpoint(self) -> Path:
@@ -549,7 +557,8 @@ def finish_epoch(t: Training) -> None:
                   train_converged=solver.get("converged", 0.0) / samples,
                   lr=t.scheduler.get_last_lr()[0])
     last = p.step >= t.total_steps or p.epoch + 1 >= trainer.epochs
-    if last or (p.epoch + 1) % trainer.eval_every == 0:
+    evaluated = last or (p.epoch + 1) % trainer.eval_every == 0
+    if evaluated:
         try:
             for split in task.eval_splits:
                 record.update(evaluate(t, split))
@@ -562,11 +571,14 @@ def finish_epoch(t: Training) -> None:
     log.info("epoch %d: %s", record["epoch"], ", ".join(
         f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "step")))
     with t.stop.protect():
-        if last or p.epoch % trainer.checkpoint_every == 0:
+        checkpointed = last or p.epoch % trainer.checkpoint_every == 0
+        if checkpointed:
             save_state(t)
-        if t.ctx.is_main:
+        if t.ctx.is_main and (evaluated or checkpointed
+                              or time.monotonic() - t.metrics_written >= METRICS_EVERY_S):
             write_metrics(t.run_dir, status="running", history=p.history, latest=summarize(t),
                           skipped_batches=p.skipped)
+            t.metrics_written = time.monotonic()
 
 
 def save_state(t: Training) -> None:

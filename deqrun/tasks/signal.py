@@ -253,7 +253,8 @@ def build_image_fit(options: ImageFitConfig) -> SignalTask:
                       eval_batch_size=options.eval_batch_size)
     batches = "full batch" if options.batch_size is None else f"batches of {options.batch_size}"
     task.notes.append(f"image {path or 'skimage camera'}: {image.shape[0]}x{image.shape[1]}x"
-                      f"{image.shape[2]}, {batches}, input scale {scale:g} (SIREN {scale / 2:g})")
+                      f"{image.shape[2]}, {batches}, suggested input scale {scale:g} "
+                      f"(SIREN {scale / 2:g}; model.input_scale overrides)")
     return task
 
 
@@ -304,7 +305,8 @@ def build_image_generalisation(options: ImageGeneralisationConfig) -> SignalTask
                       image_signal(image), input_scale=scale, siren_input_scale=scale / 2,
                       batch_size=options.batch_size, eval_batch_size=options.eval_batch_size)
     task.notes.append(f"image {file.name} {image.shape[0]}x{image.shape[1]}: train on [::2, ::2], "
-                      f"test on [1::2, 1::2], input scale {scale:g} (SIREN {scale / 2:g})")
+                      f"test on [1::2, 1::2], suggested input scale {scale:g} "
+                      f"(SIREN {scale / 2:g}; model.input_scale overrides)")
     return task
 
 

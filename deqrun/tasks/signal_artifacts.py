@@ -8,6 +8,7 @@ every task -> psnr.png (the logged PSNRs over training).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from deqrun.tasks.signal import Signal, SignalTask
 
 VIDEO_FRAMES_SHOWN = 5
+log = logging.getLogger("deqrun")
 
 
 def render(model: torch.nn.Module, signal: Signal, device: torch.device,
@@ -59,6 +61,8 @@ def write_signal_artifacts(task: SignalTask, model: torch.nn.Module, run_dir: Pa
         metrics = _image(run_dir, output, target, task.full.shape)
     if task.history:
         plot_psnr(task.history, run_dir / "psnr.png", task.name)
+    log.info("wrote %s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in metrics.items()))
     return metrics
 
 
@@ -110,8 +114,13 @@ def _image(run_dir: Path, output: np.ndarray, target: np.ndarray,
 
 
 def _audio(run_dir: Path, output: np.ndarray, target: np.ndarray, rate: int) -> dict[str, Any]:
-    psnr = unit_psnr(output, target)
+    """reconstruction.wav (16 bit) and waveform.png; wav_psnr: that of the file as written
+    (read back: its 16-bit rounding included)."""
+    import soundfile
+
     write_audio(run_dir / "reconstruction.wav", output[:, 0], rate)
+    written, _ = soundfile.read(str(run_dir / "reconstruction.wav"), dtype="float32")
+    psnr = unit_psnr(written.reshape(-1, 1), target)
     plt = _pyplot()
     fig, axes = plt.subplots(3, 1, figsize=(12, 6), sharex=True)
     seconds = np.arange(len(output)) / rate
