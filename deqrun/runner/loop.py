@@ -251,7 +251,9 @@ def train_step(t: Training, batch: Any) -> tuple[dict[str, Any], dict[str, float
     rng_before = rng_state(device) if check else None
     model.train()
     reset_peak_memory(device)
-    with SavedTensorMeter(exclude=model.parameters()) as saved, Timer(device) as forward:
+    # The batch's loss as a function of the output: models with OPA solvers need dL/dz.
+    outer = model.outer_objective(lambda out: task.loss(out, batch))
+    with outer, SavedTensorMeter(exclude=model.parameters()) as saved, Timer(device) as forward:
         output, stats = model(task.model_input(batch), pretrain=pretrain)
         loss = task.loss(output, batch)
         if stats.jac_loss is not None:
@@ -263,7 +265,11 @@ def train_step(t: Training, batch: Any) -> tuple[dict[str, Any], dict[str, float
     problem = divergence(t, objective)
     if problem is not None:
         return skip_batch(t, problem, objective)
-    grad_cosine = exact_cosine(t, batch, rng_before) if check else None
+    if check:
+        with model.outer_objective(lambda out: task.loss(out, batch)):
+            grad_cosine = exact_cosine(t, batch, rng_before)
+    else:
+        grad_cosine = None
     with Timer(device) as update:
         lr = optimizer_step(t)
     with torch.no_grad():
@@ -367,6 +373,8 @@ def step_record(t: Training, pretrain: bool, lr: float, metrics: dict[str, float
     if stats.backward is not None:
         record["backward_nstep"] = float(stats.backward.nstep.float().mean())
         record["backward_residual"] = float(stats.backward.residual.mean())
+    if stats.fallback is not None:
+        record["fallback"] = float(stats.fallback.float().mean())
     return record
 
 
