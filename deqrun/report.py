@@ -461,8 +461,8 @@ CSV_FIELDS = ("row", "label", "method", "metric", "completed", "expected", "accu
               "accuracy_std",
               "best_accuracy", "samples_per_s", "forward_ms", "backward_ms", "memory_bytes",
               "forward_nstep", "backward_nstep", "train_speed", "backward_speed", "peak_memory",
-              "fallback_fraction", "grad_cosine", "paper", "paper_accuracy", "paper_train_speed", "paper_backward_speed",
-              "paper_peak_memory", "not_averaged")
+              "fallback_fraction", "grad_cosine", "paper", "paper_accuracy", "paper_train_speed",
+              "paper_backward_speed", "paper_peak_memory", "not_averaged")
 
 
 def csv_rows(table: Table) -> list[dict[str, Any]]:

@@ -365,8 +365,9 @@ class MDEQ(DEQModel):
         def f(z: Tensors) -> Tensors:
             return self.f(z, injection, masks)
 
-        z_star, stats = self.deq(f, self.initial_state(injection), pretrain=pretrain,
-                                 outer_grad=self.outer_grad())
+        outer = self.outer_grad()
+        extra = {} if outer is None else {"outer_grad": outer}
+        z_star, stats = self.deq(f, self.initial_state(injection), pretrain=pretrain, **extra)
         return self.head(z_star), stats
 
 

@@ -23,9 +23,9 @@ class Progress:
     epoch_task: the task's metric sums over the epoch's training batches; epoch_solver: forward
     steps and residuals weighted by samples; totals: speed over timed steps (after the first step
     of the process, outside pretraining), and over every step the logged cosines with the exact
-    gradient (trainer.precision_every) and SHINE's fallback fractions; history: one record per finished epoch; skipped:
-    batches skipped by trainer.on_divergence=skip_batch; recent_losses: the last finite training
-    losses (the divergence check's running median).
+    gradient (trainer.precision_every) and SHINE's fallback fractions; history: one record per
+    finished epoch; skipped: batches skipped by trainer.on_divergence=skip_batch; recent_losses:
+    the last finite training losses (the divergence check's running median).
     """
 
     epoch: int = 0
