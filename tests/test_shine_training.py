@@ -3,6 +3,7 @@ SHINE's fallback fraction and the cosine with the exact gradient (the SHINE tabl
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 from pathlib import Path
@@ -14,6 +15,7 @@ from test_run_safety import FAST, deqrun
 
 import deqrun.core.solvers as solvers_module
 from deqrun.core import DEQ
+from deqrun.measure import SavedTensorMeter
 from deqrun.models import build_mdeq
 
 
@@ -105,3 +107,25 @@ def test_shine_with_fallback_reports_its_fallback_fraction(tmp_path):
     final = json.loads((run / "metrics.json").read_text())["final"]
     assert [r["fallback"] for r in steps(run)] == [1.0, 1.0]
     assert final["fallback_fraction"] == 1.0 and "grad_cosine" not in final
+
+
+def live_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_solver_graphs_are_freed_under_the_saved_tensor_meter():
+    """The adjoint/OPA updates build f graphs inside the loop's SavedTensorMeter; an identity pack
+    hook made saved outputs hold their own grad_fn, and every solve's graphs leaked (20 GB)."""
+    model = tiny_mdeq(update="adjoint", opa_every=2).train()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([1, 4, 7])
+    counts = []
+    for _ in range(4):
+        with model.outer_objective(lambda out: F.cross_entropy(out, y)), \
+                SavedTensorMeter(exclude=model.parameters()):
+            logits, _ = model(x)
+        F.cross_entropy(logits, y).backward()
+        del logits
+        counts.append(live_tensors())
+    assert counts[-1] <= counts[1], counts
