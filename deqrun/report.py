@@ -307,7 +307,9 @@ def row_stats(row: Row, memory_key: str, headline: Headline | None = None,
                 forward_ms=_mean(values("forward_ms")), backward_ms=_mean(values("backward_ms")),
                 memory_bytes=_mean(values(memory_key)),
                 forward_nstep=_mean(values("forward_nstep")),
-                backward_nstep=_mean(values("backward_nstep")))
+                backward_nstep=_mean(values("backward_nstep")),
+                fallback_fraction=_mean(values("fallback_fraction")),
+                grad_cosine=_mean(values("grad_cosine")))
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -466,10 +468,23 @@ def main_table(table: Table) -> list[str]:
     return _markdown_table(header, body)
 
 
+# Columns of the measured table shown only when some row has the number: (stats key, header,
+# scale, digits). SHINE's fallback fraction, and the cosine with the exact gradient
+# (trainer.precision_every).
+GRADIENT_COLUMNS = (("fallback_fraction", "fallback % [2]", 100.0, 1),
+                    ("grad_cosine", "cosine with exact [3]", 1.0, 3))
+
+
+def gradient_columns(table: Table) -> list[tuple[str, str, float, int]]:
+    return [column for column in GRADIENT_COLUMNS
+            if any(s.get(column[0]) is not None for s in table.stats.values())]
+
+
 def measured_table(table: Table) -> list[str]:
-    """The absolute numbers behind the ratios."""
+    """The absolute numbers behind the ratios (and the gradient columns some row has)."""
+    extra = gradient_columns(table)
     header = [*_group_header(table), "row", "samples/s", "forward ms", "backward ms",
-              "memory MB [1]", "forward steps", "backward steps"]
+              "memory MB [1]", "forward steps", "backward steps", *(column[1] for column in extra)]
     body = []
     for row in table.rows:
         s = table.stats[row.key]
@@ -477,7 +492,9 @@ def measured_table(table: Table) -> list[str]:
         body.append([*_group_cells(table, row), row.label, _number(s["samples_per_s"], 1),
                      _number(s["forward_ms"], 1),
                      _number(s["backward_ms"], 1), _number(memory, 1),
-                     _number(s["forward_nstep"], 1), _number(s["backward_nstep"], 1)])
+                     _number(s["forward_nstep"], 1), _number(s["backward_nstep"], 1),
+                     *(_number(None if s[key] is None else s[key] * scale, digits)
+                       for key, _, scale, digits in extra)])
     return _markdown_table(header, body)
 
 
@@ -532,6 +549,15 @@ def notes(table: Table) -> list[str]:
         "leaving out the first step and pretraining steps.",
         f"[1] {table.memory_note}",
     ]
+    keys = [column[0] for column in gradient_columns(table)]
+    if "fallback_fraction" in keys:
+        lines.append("[2] SHINE with fallback: the fraction of samples whose SHINE direction was "
+                     "replaced by the Jacobian-free one (||w|| > fallback_threshold x ||grad||), "
+                     "mean over training steps and seeds; – for rows without a fallback.")
+    if "grad_cosine" in keys:
+        lines.append("[3] Cosine between the row's parameter gradient and the exact implicit one "
+                     "(tight Anderson backward solve) on the same batch and z*, measured every "
+                     "`trainer.precision_every` training steps; mean over checks and seeds.")
     if not any(table.stats[row.key]["accuracy"] is not None for row in table.rows
                if row.id == table.baseline):
         lines.append(f"No completed run of the row '{table.baseline}': no ratios.")
@@ -557,8 +583,8 @@ CSV_FIELDS = ("row", "label", "method", "metric", "completed", "expected", "accu
               "accuracy_std",
               "best_accuracy", "samples_per_s", "forward_ms", "backward_ms", "memory_bytes",
               "forward_nstep", "backward_nstep", "train_speed", "backward_speed", "peak_memory",
-              "paper", "paper_accuracy", "paper_train_speed", "paper_backward_speed",
-              "paper_peak_memory", "not_averaged")
+              "fallback_fraction", "grad_cosine", "paper", "paper_accuracy", "paper_train_speed",
+              "paper_backward_speed", "paper_peak_memory", "not_averaged")
 
 
 def csv_fields(table: Table) -> list[str]:

@@ -111,6 +111,31 @@ def test_table_csv_has_our_numbers_beside_the_papers(sweep, tmp_path):
     assert rows["jacobian_free"]["paper"] == "shine"
 
 
+def test_gradient_columns_appear_only_when_a_row_has_them(sweep, tmp_path):
+    assert run([str(sweep)]) == 0
+    plain = (sweep / "table.md").read_text()
+    assert "fallback %" not in plain and "cosine with exact" not in plain
+    root = tmp_path / "with-gradients"
+    write_run(root, "implicit", 0, numbers=dict(final(0.90, 100.0, 100.0, 1), grad_cosine=1.0))
+    write_run(root, "shine", 0, numbers=dict(final(0.89, 150.0, 10.0, 1), grad_cosine=0.8,
+                                             fallback_fraction=0.25))
+    write_run(root, "shine", 1, numbers=dict(final(0.91, 150.0, 10.0, 1), grad_cosine=0.9,
+                                             fallback_fraction=0.75))
+    assert run([str(root)]) == 0
+    text = (root / "table.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| row | samples/s"))
+    assert header.endswith("| fallback % [2] | cosine with exact [3] |")
+    shine = [line for line in text.splitlines() if line.startswith("| SHINE (fallback) |")][-1]
+    assert shine.endswith("| 50.0 | 0.850 |")
+    implicit = [line for line in text.splitlines() if line.startswith("| implicit (IFT) |")][-1]
+    assert implicit.endswith("| – | 1.000 |")
+    assert "[2] SHINE with fallback" in text and "[3] Cosine" in text
+    rows = {r["row"]: r for r in csv.DictReader((root / "table.csv").open())}
+    assert float(rows["shine"]["fallback_fraction"]) == pytest.approx(0.5)
+    assert float(rows["shine"]["grad_cosine"]) == pytest.approx(0.85)
+    assert rows["implicit"]["fallback_fraction"] == ""
+
+
 def test_gpu_runs_compare_peak_memory(tmp_path):
     write_run(tmp_path, "implicit", 0, numbers=final(0.9, 100, 100, 1, "cuda_max_allocated", 400))
     write_run(tmp_path, "upg", 0, numbers=final(0.9, 100, 100, 9, "cuda_max_allocated", 200))

@@ -14,7 +14,7 @@ GRAD_OF_ROW = {"original": "implicit", "shine": "shine", "jacobian": "jacobian_f
 
 def test_rows_cover_the_papers_grid():
     steps = ("1", "2", "5", "7", "10")
-    expected = {"original", "shine", "shine_fallback", "jacobian_free"}
+    expected = {"original", "shine", "shine_fallback", "shine_opa", "jacobian_free"}
     expected |= {f"{prefix}{n}" for n in steps for prefix in ("original_b", "shine_refine",
                                                               "jf_refine")}
     assert set(ROWS) == expected
@@ -31,6 +31,8 @@ def test_every_shine_row_composes_with_its_gradient(row):
         assert run.grad.b_max_iter == steps + 1 and run.grad.b_solver == "broyden"
     elif "refine" in row:
         assert run.grad.refine == steps
+    if row == "shine_opa":
+        assert run.solver.opa_every == 5 and run.solver.update == "adjoint"
 
 
 @pytest.mark.parametrize("table", ["shine_smoke", "shine_paper"])

@@ -4,7 +4,7 @@ It knows nothing of data, tasks, models, Hydra or loggers.
 """
 
 from .deq import DEQ, DEQStats
-from .gradients import GRADIENTS, register_gradient
+from .gradients import GRADIENTS, outer_gradient, register_gradient
 from .jacobian import jacobian_penalty, spectral_radius
 from .jiio import JIIO, InputProblem, JIIOOptions, JIIOResult, joint_solve
 from .norm import apply_spectral_norm, apply_weight_norm, reset_norms
@@ -23,5 +23,5 @@ __all__ = [
     "SOLVERS", "LowRankInverse", "SolverResult", "StateLayout",
     "apply_spectral_norm", "apply_weight_norm", "check_solver_options", "jacobian_penalty",
     "register_gradient", "register_solver", "reset_norms", "solver_option_names",
-    "joint_solve", "spectral_radius",
+    "joint_solve", "outer_gradient", "spectral_radius",
 ]

@@ -36,6 +36,8 @@ class DEQStats:
     backward: SolverResult | None = None
     jac_loss: torch.Tensor | None = None
     pretrain: bool = False
+    # grad=shine with fallback, once backward ran: per sample, whether it fell back to w = grad.
+    fallback: torch.Tensor | None = None
 
     @property
     def nstep(self) -> torch.Tensor:
@@ -144,6 +146,11 @@ class DEQ(nn.Module):
             raise ValueError(f"grad={grad} needs solver=broyden (got solver={solver})")
         self._reused: list[tuple[Callable, State, SolverResult]] | None = None
 
+    @property
+    def wants_outer_grad(self) -> bool:
+        """Whether training solves use the outer-loss gradient (broyden with opa_every > 0)."""
+        return self.solver_options.get("opa_every", 0) > 0
+
     def _split_options(self, options: dict) -> tuple[dict, dict]:
         solver_names = solver_option_names(self.solver_name)
         grad_fields = {f.name: f.type for f in fields(GRADIENTS[self.grad_name])}
@@ -241,7 +248,7 @@ class DEQ(nn.Module):
             return result.z, DEQStats(result)
         if max_iter is not None and int(max_iter) == 0:
             return self._taken_as_fixed_point(f, z0)
-        if self.solver_options.get("opa_every", 0) > 0 and outer_grad is None:
+        if self.wants_outer_grad and outer_grad is None:
             raise ValueError("opa_every > 0 needs the outer-loss gradient: "
                              "deq(f, z0, outer_grad=...)")
         result = self.solve(f, z0, int(max_iter or self.f_max_iter), self.f_tol, outer_grad)

@@ -209,11 +209,17 @@ class Shine:
 
     def estimate(self, grad: torch.Tensor, result: SolverResult) -> torch.Tensor:
         """The SHINE w for flat grad, with the per-sample fallback applied."""
+        return self.estimate_and_fallback(grad, result)[0]
+
+    def estimate_and_fallback(self, grad: torch.Tensor,
+                              result: SolverResult) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(w, the per-sample booleans of the samples that fell back to w = grad); None for the
+        booleans when fallback is off."""
         w = -result.lowrank.rmatvec(grad)
-        if self.fallback:
-            too_big = w.norm(dim=1) > self.fallback_threshold * grad.norm(dim=1)
-            w = torch.where(too_big.unsqueeze(1), grad, w)
-        return w
+        if not self.fallback:
+            return w, None
+        too_big = w.norm(dim=1) > self.fallback_threshold * grad.norm(dim=1)
+        return torch.where(too_big.unsqueeze(1), grad, w), too_big
 
     def attach(self, f: FlatMap, z_star: torch.Tensor, result: SolverResult, stats) -> torch.Tensor:
         if result.lowrank is None:
@@ -222,7 +228,7 @@ class Shine:
         vjp = _vjp(z_out, z_in)
 
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            w = self.estimate(grad, result)
+            w, stats.fallback = self.estimate_and_fallback(grad, result)
             if self.refine == 0:
                 return w
             u, v = result.lowrank.masked()

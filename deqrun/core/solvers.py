@@ -355,6 +355,14 @@ def _check_broyden(mem, update, opa_every, explode_patience, line_search) -> Non
         raise ValueError("broyden line_search works with update='good' and no OPA only")
 
 
+def _detached(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach()
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 @dataclass
 class _Point:
     """An iterate z with fz = f(z), g = fz - z, and, when built with a graph, w -> w^T J_g."""
@@ -370,7 +378,10 @@ class _Point:
             fz = f(z)
             return cls(z, fz, fz - z)
         z_in = z.detach().requires_grad_()
-        with torch.enable_grad():
+        # Saved tensors packed detached: the graph serves first-order VJPs only and is dropped
+        # without a backward. Under an outer identity pack hook (e.g. measure.SavedTensorMeter),
+        # a saved output would hold its own grad_fn, a cycle that leaked every solve's graph.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_detached, _same):
             fz = f(z_in)
 
         def vjp(w: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ the stem (input injection) and the classification head are ordinary feed-forward
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any, List, Optional
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deqrun.core import DEQ, DEQStats, apply_weight_norm, reset_norms
+from deqrun.core import DEQ, DEQStats, apply_weight_norm, outer_gradient, reset_norms
 from deqrun.models.base import DEQModel
 from deqrun.registry import register_model
 from deqrun.tasks.base import ModelSpec
@@ -342,6 +343,20 @@ class MDEQ(DEQModel):
     def head(self, z: Tensors) -> torch.Tensor:
         return self.classifier(z)
 
+    def outer_grad(self) -> Callable[[Tensors], Tensors] | None:
+        """z -> dL/dz of the batch's training loss through the head, for OPA; None when the DEQ
+        does not use it or no outer loss is set. The head's BatchNorm statistics are those of the
+        iterate's batch, as in the training loss, and its running statistics are left untouched."""
+        if not (self.deq.wants_outer_grad and self.training and self.outer_loss is not None):
+            return None
+        loss = self.outer_loss
+
+        def outer(z: Tensors) -> torch.Tensor:
+            with frozen_buffers(self.classifier):
+                return loss(self.head(z))
+
+        return outer_gradient(outer)
+
     def forward(self, x: torch.Tensor, pretrain: bool = False) -> tuple[torch.Tensor, DEQStats]:
         injection = self.injection(x)
         reset_norms(self.equilibrium)
@@ -350,8 +365,28 @@ class MDEQ(DEQModel):
         def f(z: Tensors) -> Tensors:
             return self.f(z, injection, masks)
 
-        z_star, stats = self.deq(f, self.initial_state(injection), pretrain=pretrain)
+        outer = self.outer_grad()
+        extra = {} if outer is None else {"outer_grad": outer}
+        z_star, stats = self.deq(f, self.initial_state(injection), pretrain=pretrain, **extra)
         return self.head(z_star), stats
+
+
+@contextmanager
+def frozen_buffers(module: nn.Module) -> Iterator[None]:
+    """Within the block the module's buffers (BatchNorm running statistics) are copies, so that
+    what the block's forward updates in place is dropped; the originals are put back after.
+
+    Copies rather than a restore in place: BatchNorm's graph saves its running statistics, and
+    a backward after an in-place restore would fail the version check."""
+    owners = [(m, name, buffer) for m in module.modules()
+              for name, buffer in m.named_buffers(recurse=False) if buffer is not None]
+    for owner, name, buffer in owners:
+        setattr(owner, name, buffer.clone())
+    try:
+        yield
+    finally:
+        for owner, name, buffer in owners:
+            setattr(owner, name, buffer)
 
 
 @dataclass

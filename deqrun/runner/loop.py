@@ -358,7 +358,9 @@ def train_step(t: Training, batch: Any) -> tuple[dict[str, Any], dict[str, float
     rng_before = rng_state(device) if check else None
     model.train()
     reset_peak_memory(device)
-    with SavedTensorMeter(exclude=model.parameters()) as saved, Timer(device) as forward, \
+    # The batch's loss as a function of the output: models with OPA solvers need dL/dz.
+    outer = model.outer_objective(lambda out: task.loss(out, batch))
+    with outer, SavedTensorMeter(exclude=model.parameters()) as saved, Timer(device) as forward, \
             autocast(t.policy, device):
         output, stats = (t.net or model)(task.model_input(batch), pretrain=pretrain)
         loss = task.loss(output, batch)
@@ -377,7 +379,11 @@ def train_step(t: Training, batch: Any) -> tuple[dict[str, Any], dict[str, float
     problem = divergence(t, objective)
     if problem is not None:
         return skip_batch(t, problem, objective)
-    grad_cosine = exact_cosine(t, batch, rng_before) if check else None
+    if check:
+        with model.outer_objective(lambda out: task.loss(out, batch)):
+            grad_cosine = exact_cosine(t, batch, rng_before)
+    else:
+        grad_cosine = None
     with Timer(device) as update:
         lr = optimizer_step(t)
     timing = dict(forward_ms=forward.ms, backward_ms=backward.ms,
@@ -508,6 +514,8 @@ def step_record(t: Training, pretrain: bool, lr: float, metrics: dict[str, float
     if stats.backward is not None:
         record["backward_nstep"] = float(stats.backward.nstep.float().mean())
         record["backward_residual"] = float(stats.backward.residual.mean())
+    if stats.fallback is not None:
+        record["fallback"] = float(stats.fallback.float().mean())
     return record
 
 

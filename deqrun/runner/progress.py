@@ -22,9 +22,10 @@ class Progress:
 
     epoch_task: the task's metric sums over the epoch's training batches; epoch_solver: forward
     steps and residuals weighted by samples; totals: speed over timed steps (after the first step
-    of the process, outside pretraining); history: one record per finished epoch; skipped:
-    batches skipped by trainer.on_divergence=skip_batch; recent_losses: the last finite training
-    losses (the divergence check's running median).
+    of the process, outside pretraining), and over every step the logged cosines with the exact
+    gradient (trainer.precision_every) and SHINE's fallback fractions; history: one record per
+    finished epoch; skipped: batches skipped by trainer.on_divergence=skip_batch; recent_losses:
+    the last finite training losses (the divergence check's running median).
     """
 
     epoch: int = 0
@@ -59,6 +60,9 @@ class Progress:
             scale=samples)
         for key in ("saved_bytes", "peak_memory_bytes"):
             self.peaks[key] = max(self.peaks.get(key, 0), record[key])
+        for key, count in (("grad_cosine", "grad_cosine_checks"), ("fallback", "fallback_steps")):
+            if key in record:
+                add(self.totals, {key: record[key], count: 1})
         if record["pretrain"] or record["warmup"]:
             return
         add(self.totals, {key: record[key] for key in SPEED_KEYS})
@@ -92,4 +96,9 @@ class Progress:
                    epochs=self.epoch, steps=self.step, timed_steps=int(totals.get("steps", 0)))
         if totals.get("backward_steps"):
             out["backward_nstep"] = totals["backward_nstep"] / totals["backward_steps"]
+        if totals.get("grad_cosine_checks"):
+            out["grad_cosine"] = totals["grad_cosine"] / totals["grad_cosine_checks"]
+            out["grad_cosine_checks"] = int(totals["grad_cosine_checks"])
+        if totals.get("fallback_steps"):
+            out["fallback_fraction"] = totals["fallback"] / totals["fallback_steps"]
         return out
