@@ -140,7 +140,7 @@ class TanhClassifier(DEQModel):
         for _ in range(500):
             z = torch.tanh(z @ self.W.T + x @ self.U.T)
         grads = []
-        for z_i, x_i, y_i in zip(z, x, y):
+        for z_i, y_i in zip(z, y):
             D = torch.diag(1 - z_i**2)
             dlogits = torch.softmax(self.C @ z_i, 0) - F.one_hot(y_i, 3).to(x.dtype)
             adjoint = torch.linalg.solve(torch.eye(6, dtype=x.dtype) - self.W.T @ D,
