@@ -32,7 +32,7 @@ PAPER = {"adam_ms": 7659, "jiio40_ms": 862, "pgd20_ms": 4360, "jiio80_ms": 1401,
 # Per scale: the generator's training, the timing study, the classifiers' training and attacks.
 SCALES: dict[str, dict[str, Any]] = {
     "smoke": {
-        "generator": ["solver=anderson", "trainer.max_steps=120", "trainer.batch_size=32",
+        "generator": ["solver=anderson", "trainer.max_steps=200", "trainer.batch_size=32",
                       "trainer.epochs=100",
                       "trainer.eval_every=1000", "trainer.eval_batch_size=250",
                       "task.fit_latents=256", "trainer.threads=2"],

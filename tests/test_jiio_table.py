@@ -66,6 +66,6 @@ def test_compose_reads_the_outputs_and_judges_the_claims(tmp_path: Path, monkeyp
     assert "robust accuracy: holds (+35.0 points)" in table
     assert "(JIIO-trained model): does not hold" in table  # weaker: 0.8 < 0.9 CE
     assert "(clean-trained model): holds" in table
-    assert "120 training steps" in table
+    assert "120 training steps" in table  # from the history, not the preset
     script.plot_attacks("smoke", out)
     assert (out / "adversarial.png").is_file()
