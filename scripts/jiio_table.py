@@ -38,7 +38,7 @@ SCALES: dict[str, dict[str, Any]] = {
                       "task.fit_latents=256", "trainer.threads=2"],
         "timing": ["--problems", "recon,inpaint,denoise02", "--batch", "32", "--T", "100",
                    "--m", "40", "--alpha0", "5", "5", "--every", "10", "--threads", "2"],
-        "classifier": ["trainer.max_steps=300", "trainer.threads=2"],
+        "classifier": ["trainer.max_steps=300", "task.attack_subset=300", "trainer.threads=2"],
     },
     "paper": {
         "generator": ["solver=anderson", "trainer.max_steps=2000", "trainer.batch_size=32",
