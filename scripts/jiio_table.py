@@ -4,12 +4,12 @@ PGD-20), composed from the presets experiment=jiio/generative_mnist and jiio/adv
     python scripts/jiio_table.py --scale smoke|paper [--dry] [--data-root ../shared/data/mnist]
 
 Jobs, in order (each a separate process; a completed run is reused, trainer.resume=true):
-  1. the generator: deqrun experiment=jiio/generative_mnist (JIIO latent inference), SCALE's steps;
-  2. scripts/jiio_timing.py on its checkpoint: JIIO vs Adam on the latent (lr 1, 40 steps), per
-     problem (reconstruction, 20x20 inpainting, denoising) on the same test images, one process;
-  3. the MDEQ classifier trained on clean images (task.train_attack=none);
-  4. the same model trained with JIIO-k attacks (task.train_attack=jiio);
-  both end with PGD-20 and JIIO-80 on the first task.attack_subset test images (attacks.json).
+  1. the MDEQ classifier trained on clean images (task.train_attack=none);
+  2. the same model trained with JIIO-k attacks (task.train_attack=jiio);
+     both end with PGD-20 and JIIO-80 on the first task.attack_subset test images (attacks.json);
+  3. the generator: deqrun experiment=jiio/generative_mnist (JIIO latent inference), SCALE's steps;
+  4. scripts/jiio_timing.py on its checkpoint: JIIO vs Adam on the latent (lr 1, 40 steps), per
+     problem (reconstruction, 20x20 inpainting, denoising) on the same test images, one process.
 Writes outputs/tables/jiio-<scale>/: table.md (numbers beside the paper's and which claims hold
 at this scale), table.json, jobs.json (commands and wall times), loss-vs-time plots.
 --dry prints every job's composed config (deqrun --cfg job) and the timing command instead.
@@ -54,22 +54,22 @@ SCALES: dict[str, dict[str, Any]] = {
 def jobs(scale: str, data_root: str) -> list[dict[str, Any]]:
     """The table's jobs: name, kind (deqrun or script), argv after the interpreter."""
     s = SCALES[scale]
-    generator = f"jiio-generator-{scale}"
-    out: list[dict[str, Any]] = [{
-        "name": generator, "kind": "deqrun",
-        "args": ["experiment=jiio/generative_mnist", f"task.root={data_root}",
-                 f"run_name={generator}", "trainer.resume=true", *s["generator"]]}]
-    out.append({"name": "timing", "kind": "script",
-                "args": ["scripts/jiio_timing.py", "--checkpoint",
-                         f"outputs/runs/{generator}/checkpoints/last.pt", "--data-root",
-                         data_root, "--out", f"outputs/tables/jiio-{scale}/timing",
-                         *s["timing"]]})
+    out: list[dict[str, Any]] = []
     for attack in ("none", "jiio"):
         name = f"jiio-adv-{attack}-{scale}"
         out.append({"name": name, "kind": "deqrun",
                     "args": ["experiment=jiio/adversarial_mnist", f"task.root={data_root}",
                              f"task.train_attack={attack}", f"run_name={name}",
                              "trainer.resume=true", *s["classifier"]]})
+    generator = f"jiio-generator-{scale}"
+    out.append({"name": generator, "kind": "deqrun",
+                "args": ["experiment=jiio/generative_mnist", f"task.root={data_root}",
+                         f"run_name={generator}", "trainer.resume=true", *s["generator"]]})
+    out.append({"name": "timing", "kind": "script",
+                "args": ["scripts/jiio_timing.py", "--checkpoint",
+                         f"outputs/runs/{generator}/checkpoints/last.pt", "--data-root",
+                         data_root, "--out", f"outputs/tables/jiio-{scale}/timing",
+                         *s["timing"]]})
     return out
 
 

@@ -29,12 +29,12 @@ def attack_report(pgd_acc: float, jiio_acc: float, pgd_loss: float, jiio_loss: f
 def test_jobs_name_the_presets_and_reuse_completed_runs(scale: str) -> None:
     jobs = load_script().jobs(scale, "DATA")
     names = [job["name"] for job in jobs]
-    assert names == [f"jiio-generator-{scale}", "timing", f"jiio-adv-none-{scale}",
-                     f"jiio-adv-jiio-{scale}"]
+    assert names == [f"jiio-adv-none-{scale}", f"jiio-adv-jiio-{scale}",
+                     f"jiio-generator-{scale}", "timing"]
     for job in jobs:
         if job["kind"] == "deqrun":
             assert "trainer.resume=true" in job["args"] and "task.root=DATA" in job["args"]
-    assert "task.train_attack=jiio" in jobs[3]["args"]
+    assert "task.train_attack=jiio" in jobs[1]["args"]
 
 
 def test_compose_reads_the_outputs_and_judges_the_claims(tmp_path: Path, monkeypatch) -> None:
