@@ -47,10 +47,14 @@ precision: $(STAMP)
 SCALE ?= smoke
 NOW := $(shell date +%Y-%m-%d_%H-%M-%S)
 
-# JIIO's table is a timing study in one process, not a sweep: train the generator, then time.
+# JIIO's table is a timing and robustness study, not a sweep: scripts/jiio_table.py runs the jobs
+# (generator, JIIO vs Adam-40 timing, the classifiers trained without and with JIIO attacks).
 table-jiio: $(STAMP)
-	$(VENV)/bin/deqrun experiment=jiio/generative_mnist task.root=../shared/data/mnist trainer.threads=1 run_name=jiio-generator-$(SCALE) $(ARGS)
-	$(PY) scripts/jiio_timing.py --checkpoint outputs/runs/jiio-generator-$(SCALE)/checkpoints/last.pt --data-root ../shared/data/mnist --batch 32 --T 100 --m 40 --alpha0 5 5 --every 10 --out outputs/tables/jiio-$(SCALE)
+ifeq ($(DRY),1)
+	$(PY) scripts/jiio_table.py --scale $(SCALE) --dry $(ARGS)
+else
+	$(PY) scripts/jiio_table.py --scale $(SCALE) $(ARGS)
+endif
 
 # The INR table also prints implicit-minus-explicit PSNR per family (scripts/inr_table.py).
 INR_ROWS := fourier_mfn fourier_imfn gabor_mfn gabor_imfn siren isiren

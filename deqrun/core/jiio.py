@@ -22,6 +22,7 @@ loss), which already solves it when the training loss is the inner objective.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -120,6 +121,30 @@ class InputProblem:
     objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     x_center: Optional[torch.Tensor] = None
     loss_scale: float = 1.0
+    # The problem's own geometry, when it has one (an attack's threat model): each set field
+    # replaces the grad=jiio option of that name for this solve; step_scale multiplies alpha0
+    # (the input's units, e.g. 1/std of a normalised image, so alpha0 and eps read in pixels).
+    projection: Optional[str] = None
+    eps: Optional[float] = None
+    normalized_step: Optional[bool] = None
+    T: Optional[int] = None
+    step_scale: float = 1.0
+    # callback(k, x): sees the input iterate after each iteration (timing, traces)
+    callback: Optional[Callable[[int, torch.Tensor], None]] = None
+
+    def options(self, base: JIIOOptions) -> JIIOOptions:
+        """base with this problem's geometry applied (base itself when it sets nothing)."""
+        changes = {name: getattr(self, name) for name in ("projection", "eps",
+                   "normalized_step", "T") if getattr(self, name) is not None}
+        if self.step_scale != 1.0:
+            changes["alpha0"] = [a * self.step_scale for a in base.alpha0]
+        if not changes:
+            return base
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(JIIOOptions)}
+        fields.update(changes)
+        options = type(base)(**fields)
+        options.check()
+        return options
 
 
 @dataclass

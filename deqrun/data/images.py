@@ -245,11 +245,14 @@ def build_mnist(
     subset: int | None = None,
     test_as_train: bool = False,
     notes: list[str] | None = None,
+    normalize: bool = True,
 ) -> tuple[Dataset, Dataset]:
-    """MNIST from idx files (plain or gzip) under root/MNIST/raw, or torchvision's download."""
+    """MNIST from idx files (plain or gzip) under root/MNIST/raw, or torchvision's download;
+    normalize=False keeps pixels in [0, 1] (attacks measure their ball in pixels)."""
     size = _image_size(image_size, 28)
     train, test = _mnist_splits(Path(root), download, test_as_train, notes)
-    transform = _to_float(_resize(size, 28), MNIST_MEAN, MNIST_STD)
+    mean, std = (MNIST_MEAN, MNIST_STD) if normalize else ((0.0,), (1.0,))
+    transform = _to_float(_resize(size, 28), mean, std)
     train_set = _TensorImages(train[0].unsqueeze(1), train[1], _DIGIT_CLASSES, transform)
     test_set = _TensorImages(test[0].unsqueeze(1), test[1], _DIGIT_CLASSES, transform)
     return _take_first(train_set, subset, notes), test_set
@@ -292,12 +295,15 @@ def build_cifar10(
     augment: bool = False,
     subset: int | None = None,
     notes: list[str] | None = None,
+    normalize: bool = True,
 ) -> tuple[Dataset, Dataset]:
-    """CIFAR-10 from root/cifar-10-batches-py; augment = random crop (pad 4) + flip on train."""
+    """CIFAR-10 from root/cifar-10-batches-py; augment = random crop (pad 4) + flip on train;
+    normalize=False keeps pixels in [0, 1]."""
     size = _image_size(image_size, 32)
     flips = [v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()] if augment else []
-    train_transform = _to_float(_resize(size, 32) + flips, CIFAR10_MEAN, CIFAR10_STD)
-    test_transform = _to_float(_resize(size, 32), CIFAR10_MEAN, CIFAR10_STD)
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if normalize else ((0.0,) * 3, (1.0,) * 3)
+    train_transform = _to_float(_resize(size, 32) + flips, mean, std)
+    test_transform = _to_float(_resize(size, 32), mean, std)
     train_set, test_set = _cifar10_splits(Path(root), download, train_transform, test_transform)
     return _take_first(train_set, subset, notes), test_set
 

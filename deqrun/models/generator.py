@@ -153,11 +153,11 @@ class MDEQGenerator(DEQModel):
         """Latents minimising problem.objective by JIIO; in training, images carry the gradient
         (warm-started implicit backward); in evaluation, images are decoded again at x*.
         callback(k, x) sees the latents after each JIIO iteration."""
-        jiio = self.jiio()
+        jiio = problem.options(self.jiio())
         reset_norms(self.equilibrium)
         result = jiio.solve(self.f, lambda z, x: problem.objective(self.head(z), x),
                             self.initial_state(len(problem.x0), problem.x0), problem.x0,
-                            problem.x_center, callback)
+                            problem.x_center, callback or problem.callback)
         if self.training and torch.is_grad_enabled():
             z, stats = jiio.equilibrium(self.f, result, problem.loss_scale)
             return GeneratedImages(self.head(z), result.x, result), stats

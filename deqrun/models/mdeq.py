@@ -18,7 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deqrun.core import DEQ, DEQStats, apply_weight_norm, outer_gradient, reset_norms
+from deqrun.core import (
+    DEQ,
+    DEQStats,
+    InputProblem,
+    JIIOResult,
+    apply_weight_norm,
+    outer_gradient,
+    reset_norms,
+)
+from deqrun.errors import ConfigError
 from deqrun.models.base import DEQModel
 from deqrun.registry import register_model
 from deqrun.tasks.base import ModelSpec
@@ -357,7 +366,10 @@ class MDEQ(DEQModel):
 
         return outer_gradient(outer)
 
-    def forward(self, x: torch.Tensor, pretrain: bool = False) -> tuple[torch.Tensor, DEQStats]:
+    def forward(self, x: torch.Tensor | InputProblem, pretrain: bool = False,
+                ) -> tuple[torch.Tensor | AttackedLogits, DEQStats]:
+        if isinstance(x, InputProblem):
+            return self.attack(x)
         injection = self.injection(x)
         reset_norms(self.equilibrium)
         masks = self.dropout_masks(injection)
@@ -369,6 +381,61 @@ class MDEQ(DEQModel):
         extra = {} if outer is None else {"outer_grad": outer}
         z_star, stats = self.deq(f, self.initial_state(injection), pretrain=pretrain, **extra)
         return self.head(z_star), stats
+
+
+    def attack(self, problem: InputProblem) -> tuple[AttackedLogits, DEQStats]:
+        """Solve the input problem (an attack: maximise a loss in a ball) jointly with the
+        equilibrium by JIIO (grad=jiio). In training (grad enabled), the logits at x* come from
+        one differentiable f(z*, x*) with the implicit backward warm-started from mu*
+        (problem.loss_scale maps the objective to the training loss); otherwise from a plain
+        solve at x*. Batch-norm statistics are not updated by the attack's iterations."""
+        if self.input_optimiser is None:
+            raise ConfigError("model=mdeq attacks its input with JIIO: run it with grad=jiio "
+                              "(no input optimiser was given)")
+        jiio = problem.options(self.input_optimiser)
+        reset_norms(self.equilibrium)
+        x0 = problem.x0.detach()
+        with frozen_batch_stats(self):
+            injection0 = self.injection(x0)
+        masks = self.dropout_masks(injection0)
+
+        def f(z: Tensors, x: torch.Tensor) -> Tensors:
+            return self.f(z, self.injection(x), masks)
+
+        with frozen_batch_stats(self):
+            result = jiio.solve(f, lambda z, x: problem.objective(self.head(z), x),
+                                self.initial_state(injection0), x0, problem.x_center,
+                                problem.callback)
+        if self.training and torch.is_grad_enabled():
+            z, stats = jiio.equilibrium(f, result, problem.loss_scale)
+            return AttackedLogits(self.head(z), result.x, result), stats
+        with torch.no_grad():
+            logits, decoded = self.forward(result.x)
+        return AttackedLogits(logits, result.x, result), replace(
+            decoded, forward=result.solver_result())
+
+
+@dataclass
+class AttackedLogits:
+    """The classifier's logits at an attacked input x (and the JIIO solve that found it)."""
+
+    logits: torch.Tensor
+    x: torch.Tensor
+    jiio: Optional[JIIOResult] = None
+
+
+@contextmanager
+def frozen_batch_stats(module: nn.Module) -> Iterator[None]:
+    """Batch norms keep their running statistics (momentum 0) inside the block."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
 
 
 @contextmanager

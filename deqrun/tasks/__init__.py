@@ -11,6 +11,7 @@ from deqrun.tasks.classification import ClassificationTask, build_classification
 
 # The other kinds of task register themselves on import.
 from deqrun.tasks import generative  # noqa: E402,F401  (task=generative)
+from deqrun.tasks import adversarial  # noqa: E402,F401  (task=adversarial)
 from deqrun.tasks import graph  # noqa: E402,F401  (task=tu, planetoid, ppi, chains)
 from deqrun.tasks import inverse  # noqa: E402,F401  (task=inverse)
 from deqrun.tasks import language  # noqa: E402,F401  (task=wikitext2, wikitext103)
