@@ -24,6 +24,7 @@ stays in float32 (deqrun/runner/precision_policy.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -358,9 +359,8 @@ def train_step(t: Training, batch: Any) -> tuple[dict[str, Any], dict[str, float
     rng_before = rng_state(device) if check else None
     model.train()
     reset_peak_memory(device)
-    # The batch's loss as a function of the output: models with OPA solvers need dL/dz.
-    outer = model.outer_objective(lambda out: task.loss(out, batch))
-    with outer, SavedTensorMeter(exclude=model.parameters()) as saved, Timer(device) as forward, \
+    meter = SavedTensorMeter(exclude=model.parameters())
+    with outer_objective(model, task, batch), meter as saved, Timer(device) as forward, \
             autocast(t.policy, device):
         output, stats = (t.net or model)(task.model_input(batch), pretrain=pretrain)
         loss = task.loss(output, batch)
@@ -380,7 +380,7 @@ def train_step(t: Training, batch: Any) -> tuple[dict[str, Any], dict[str, float
     if problem is not None:
         return skip_batch(t, problem, objective)
     if check:
-        with model.outer_objective(lambda out: task.loss(out, batch)):
+        with outer_objective(model, task, batch):
             grad_cosine = exact_cosine(t, batch, rng_before)
     else:
         grad_cosine = None
@@ -417,6 +417,13 @@ def global_step(t: Training, objective: float, sums: dict[str, float], counts: d
     counts = {k: int(round(next(rest))) for k in keys[1]}
     solver = {k: next(rest) for k in keys[2]}
     return objective, sums, counts, solver
+
+
+def outer_objective(model: DEQModel, task: Task, batch: Any) -> Any:
+    """The batch's loss as a function of the model's output, handed to the model for the block
+    (models with OPA solvers turn it into dL/dz); nothing for a model without the hook."""
+    hand_over = getattr(model, "outer_objective", None)
+    return hand_over(lambda out: task.loss(out, batch)) if hand_over else contextlib.nullcontext()
 
 
 def optimizer_step(t: Training) -> float:
