@@ -103,6 +103,7 @@ class TrainerConfig:
     pretrain_depth: int = 4
     jac_reg_weight: float = 0.0
     jac_samples: int = 1
+    jac_reg_every: int = 1
     eval_every: int = 1
     checkpoint_every: int = 1
     num_workers: int = 0
@@ -126,7 +127,7 @@ class TrainerConfig:
 
     def check(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "pretrain_depth", "jac_samples",
-                     "eval_every", "checkpoint_every"):
+                     "jac_reg_every", "eval_every", "checkpoint_every"):
             _require(getattr(self, name) >= 1, f"trainer.{name} must be >= 1")
         for name in ("pretrain_steps", "num_workers", "precision_every"):
             _require(getattr(self, name) >= 0, f"trainer.{name} must be >= 0")

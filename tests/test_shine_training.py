@@ -129,3 +129,17 @@ def test_solver_graphs_are_freed_under_the_saved_tensor_meter():
         del logits
         counts.append(live_tensors())
     assert counts[-1] <= counts[1], counts
+
+
+def test_the_jacobian_penalty_applies_on_every_nth_step_only(tmp_path):
+    # jac_reg_every=2: steps 1 and 3 (progress 0 and 2) add the penalty, steps 2 and 4 do not.
+    args = [*FAST, "task.subset=256", "trainer.max_steps=4", "trainer.jac_reg_weight=0.5",
+            "trainer.jac_reg_every=2", "logger=jsonl", "run_name=jr"]
+    result = deqrun(args, tmp_path)
+    assert result.returncode == 0, result.stderr
+    logged = steps(tmp_path / "outputs" / "runs" / "jr")
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    assert ["jac_loss" in r for r in logged] == [True, False, True, False]
+    assert all(r["jac_loss"] > 0 for r in logged if "jac_loss" in r)
+    bad = deqrun([*FAST, "trainer.jac_reg_every=0", "run_name=bad"], tmp_path)
+    assert bad.returncode != 0 and "trainer.jac_reg_every must be >= 1" in bad.stderr

@@ -42,6 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from deqrun.config import RunConfig
+from deqrun.core import DEQ
 from deqrun.errors import Abort, ConfigError, Diverged, Interrupted, WriteError
 from deqrun.loggers import Logger, build_logger
 from deqrun.measure import SavedTensorMeter, Timer, peak_memory_bytes, reset_peak_memory
@@ -360,8 +361,9 @@ def train_step(t: Training, batch: Any) -> tuple[dict[str, Any], dict[str, float
     model.train()
     reset_peak_memory(device)
     meter = SavedTensorMeter(exclude=model.parameters())
-    with outer_objective(model, task, batch), meter as saved, Timer(device) as forward, \
-            autocast(t.policy, device):
+    penalise = jacobian_step(config, t.progress.step)
+    with outer_objective(model, task, batch), penalty_switch(model, penalise), meter as saved, \
+            Timer(device) as forward, autocast(t.policy, device):
         output, stats = (t.net or model)(task.model_input(batch), pretrain=pretrain)
         loss = task.loss(output, batch)
         if stats.jac_loss is not None:
@@ -417,6 +419,26 @@ def global_step(t: Training, objective: float, sums: dict[str, float], counts: d
     counts = {k: int(round(next(rest))) for k in keys[1]}
     solver = {k: next(rest) for k in keys[2]}
     return objective, sums, counts, solver
+
+
+def jacobian_step(config: RunConfig, step: int) -> bool:
+    """Whether this training step adds the Jacobian penalty: trainer.jac_reg_weight > 0, on every
+    trainer.jac_reg_every-th step counted from 0 (pretraining steps, which unroll, have none)."""
+    return config.trainer.jac_reg_weight > 0 and step % config.trainer.jac_reg_every == 0
+
+
+@contextlib.contextmanager
+def penalty_switch(model: nn.Module, on: bool) -> Any:
+    """Switch the Hutchinson penalty of every DEQ inside `model` on or off for one step."""
+    deqs = [m for m in model.modules() if isinstance(m, DEQ)]
+    before = [d.jac_reg for d in deqs]
+    for d in deqs:
+        d.jac_reg = on
+    try:
+        yield
+    finally:
+        for d, was in zip(deqs, before):
+            d.jac_reg = was
 
 
 def outer_objective(model: DEQModel, task: Task, batch: Any) -> Any:
@@ -523,6 +545,8 @@ def step_record(t: Training, pretrain: bool, lr: float, metrics: dict[str, float
         record["backward_residual"] = float(stats.backward.residual.mean())
     if stats.fallback is not None:
         record["fallback"] = float(stats.fallback.float().mean())
+    if stats.jac_loss is not None:
+        record["jac_loss"] = float(stats.jac_loss.detach())
     return record
 
 
