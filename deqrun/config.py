@@ -360,6 +360,12 @@ def _check_choices(run: RunConfig) -> None:
         _require(task in accepting, f"grad={INPUT_OPTIMISATION} needs a task with an input "
                  f"objective; task={task} has none; tasks that accept it: "
                  f"{', '.join(accepting) or 'none in this version'}")
+    needs_grad = getattr(run.task, "check_grad", None)  # a task option that needs a grad choice
+    if needs_grad is not None:
+        try:
+            needs_grad(run.grad.name)
+        except ValueError as error:
+            raise ConfigError(f"task={task}: {error}") from None
 
 
 def _check_part(group: str, part: Any) -> None:

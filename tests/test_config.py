@@ -183,3 +183,10 @@ def test_recipe_applies_to_the_bare_pair_and_yields_to_everything_else():
     assert cli.trainer.batch_size == 32  # the recipe's other values stay
     row = composed("experiment=lm/upg", "table=lm_smoke")
     assert row.trainer.epochs == 2 and row.solver.f_max_iter == 12
+
+
+def test_the_jiio_training_attack_without_grad_jiio_is_refused_before_the_run():
+    with pytest.raises(ConfigError, match="task.train_attack=jiio needs grad=jiio"):
+        resolve(composed("task=adversarial", "grad=upg"))
+    resolve(composed("task=adversarial", "grad=upg", "task.train_attack=none"))
+    resolve(composed("task=adversarial", "grad=jiio"))

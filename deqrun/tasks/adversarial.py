@@ -82,6 +82,12 @@ class AdversarialConfig:
         if self.subset is not None and self.subset < 1:
             raise ValueError(f"task.subset must be >= 1, got {self.subset}")
 
+    def check_grad(self, grad: str) -> None:
+        """The JIIO training attack is the joint solve of grad=jiio: refuse it before the run."""
+        if self.train_attack == "jiio" and grad != "jiio":
+            raise ValueError(f"task.train_attack=jiio needs grad=jiio (got grad={grad}); pass "
+                             "grad=jiio, or task.train_attack=none to train on clean images")
+
 
 class Batch(NamedTuple):
     """Images in [0, 1], labels, and whether the batch is to be attacked (training batches)."""
