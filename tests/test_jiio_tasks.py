@@ -54,6 +54,15 @@ def test_generative_task_data_and_spec(task: GenerativeTask) -> None:
     assert any("80/20" in note for note in task.notes)
 
 
+def test_generative_eval_subset_keeps_the_first_test_images(task: GenerativeTask) -> None:
+    small = GenerativeTask(GenerativeConfig(root=task.options.root, image_size=16, subset=64,
+                                            eval_subset=100, latent_dim=LATENT))
+    assert torch.equal(small.test_images, task.test_images[:100])
+    assert sum(len(b[0]) for b in small.eval_batches("test", LoaderOptions(batch_size=32))) == 100
+    with pytest.raises(ValueError, match="eval_subset"):
+        GenerativeConfig(eval_subset=0).check()
+
+
 def batch_of(task: GenerativeTask, size: int = 8) -> tuple[torch.Tensor, ...]:
     return next(iter(task.train_batches(0, LoaderOptions(batch_size=size))))
 

@@ -39,6 +39,7 @@ class GenerativeConfig:
     image_size: Optional[int] = None
     download: bool = False
     subset: Optional[int] = None
+    eval_subset: Optional[int] = None
     latent_dim: int = 128
     latent_weight: float = 0.0
     fit_latents: int = 512
@@ -50,8 +51,10 @@ class GenerativeConfig:
                              f"got {self.dataset!r}")
         if self.latent_dim < 1 or self.fit_latents < 2 or self.grid < 1:
             raise ValueError("task.latent_dim and task.grid must be >= 1, task.fit_latents >= 2")
-        if self.latent_weight < 0 or (self.subset is not None and self.subset < 1):
-            raise ValueError("task.latent_weight must be >= 0 and task.subset >= 1")
+        if self.latent_weight < 0 or any(n is not None and n < 1
+                                         for n in (self.subset, self.eval_subset)):
+            raise ValueError("task.latent_weight must be >= 0, task.subset and "
+                             "task.eval_subset >= 1")
         if self.image_size is not None and (self.image_size < 4 or self.image_size % 4):
             raise ValueError(f"task.image_size must be a multiple of 4, got {self.image_size}")
 
@@ -94,6 +97,10 @@ class GenerativeTask(Task):
             self.notes.append(f"training on the first {options.subset} of {len(train)} images")
             train = train[: options.subset]
         self.train_images = train
+        if options.eval_subset is not None and options.eval_subset < len(self.test_images):
+            self.notes.append(f"evaluating on the first {options.eval_subset} of "
+                              f"{len(self.test_images)} test images")
+            self.test_images = self.test_images[: options.eval_subset]
 
     def model_spec(self) -> ModelSpec:
         shape = tuple(self.train_images.shape[1:])
