@@ -43,7 +43,7 @@ precision: $(STAMP)
 
 # Paper tables: make table-NAME SCALE=smoke (CPU) | SCALE=paper (GPU cluster; add e.g.
 # ARGS="launcher=slurm hydra.launcher.partition=gpu"), for every configs/table/NAME_<scale>.yaml
-# (phantom, shine, ignn, lm, inr). DRY=1 prints the sweep and every row's config without running.
+# (phantom, shine, ignn, lm, inr). DRY=1 prints the sweep and every job's config without running.
 SCALE ?= smoke
 NOW := $(shell date +%Y-%m-%d_%H-%M-%S)
 
@@ -73,11 +73,7 @@ endif
 
 table-%: $(STAMP)
 ifeq ($(DRY),1)
-	$(VENV)/bin/deqrun table=$*_$(SCALE) $(ARGS) --cfg hydra --package hydra.sweeper.params
-	for row in $$($(VENV)/bin/deqrun table=$*_$(SCALE) --cfg job --package report.rows | sed -n 's/^- //p'); do \
-	  echo "# ---- row $$row"; \
-	  $(VENV)/bin/deqrun table=$*_$(SCALE) experiment=$*/$$row $(ARGS) --cfg job || exit 1; \
-	done
+	$(PY) scripts/reproduce.py --scale $(SCALE) --only $* --dry --args "$(ARGS)"
 else
 	$(VENV)/bin/deqrun table=$*_$(SCALE) hydra.sweep.dir=outputs/tables/$*-$(SCALE)/$(NOW) $(ARGS); status=$$?; \
 	$(VENV)/bin/deqrun-report outputs/tables/$*-$(SCALE)/$(NOW) && exit $$status
