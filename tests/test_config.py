@@ -83,6 +83,8 @@ def test_every_option_composes_and_resolves(group):
             overrides.append(f"task={registry.tasks_of(option)[0]}")
         if group == "task":
             overrides.append(f"model={_model_serving(option)}")
+        if "task=adversarial" in overrides or (group, option) == ("task", "adversarial"):
+            overrides.append("grad=jiio")  # its default training attack is JIIO's joint solve
         cfg = composed(*overrides)
         assert group == "trainer" or cfg[group].name == option
         run, resolved = resolve(cfg)
@@ -167,7 +169,8 @@ def test_every_recipe_names_a_model_and_task_pair_and_composes():
         pairs = [(m, t) for m, t in pairs if t in tasks]
         assert pairs, f"recipe/{recipe}.yaml matches no model_task pair (it would never apply)"
         model, task = pairs[0]
-        resolve(composed(f"model={model}", f"task={task}"))
+        jiio = ["grad=jiio"] if task == "adversarial" else []  # its default training attack
+        resolve(composed(f"model={model}", f"task={task}", *jiio))
 
 
 def test_recipe_applies_to_the_bare_pair_and_yields_to_everything_else():

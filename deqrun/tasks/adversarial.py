@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ from deqrun.data.images import build_cifar10, build_mnist
 from deqrun.data.paths import data_root
 from deqrun.registry import register_task
 from deqrun.tasks.base import LoaderOptions, ModelSpec, Task
+from deqrun.tasks.classification import ImageDataConfig
 
 DATASETS = ("mnist", "cifar10")
 NORMS = ("l2", "linf")
@@ -44,15 +45,12 @@ TRAIN_ATTACKS = ("jiio", "none")
 
 
 @dataclass
-class AdversarialConfig:
-    """task=adversarial: data, the threat model, the training attack and the final attacks."""
+class AdversarialConfig(ImageDataConfig):
+    """task=adversarial: data (ImageDataConfig), the threat model, the training attack and the
+    final attacks."""
 
     name: str = "adversarial"
     dataset: str = "mnist"
-    root: Optional[str] = None
-    download: bool = False
-    image_size: Optional[int] = None
-    subset: Optional[int] = None
     test_as_train: bool = True
     norm: str = "l2"
     eps: float = 1.0
@@ -65,6 +63,7 @@ class AdversarialConfig:
     trace_every: int = 10
 
     def check(self) -> None:
+        super().check()
         if self.dataset not in DATASETS:
             raise ValueError(f"task.dataset must be one of {', '.join(DATASETS)}, "
                              f"got {self.dataset!r}")
@@ -79,8 +78,6 @@ class AdversarialConfig:
             raise ValueError("task.train_iters, task.pgd_steps and task.attack_batch must be >= 1")
         if self.attack_subset < 0 or self.trace_every < 0:
             raise ValueError("task.attack_subset and task.trace_every must be >= 0")
-        if self.subset is not None and self.subset < 1:
-            raise ValueError(f"task.subset must be >= 1, got {self.subset}")
 
     def check_grad(self, grad: str) -> None:
         """The JIIO training attack is the joint solve of grad=jiio: refuse it before the run."""

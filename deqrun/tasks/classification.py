@@ -23,24 +23,33 @@ from deqrun.tasks.base import DatasetTask, ModelSpec
 
 
 @dataclass
-class ImageTaskConfig:
-    """Image-classification data options; root None means ~/.cache/deqrun/data/<task>."""
+class ImageDataConfig:
+    """Where an image task's data come from, shared by the image tasks (classification,
+    adversarial, generative): root None means ~/.cache/deqrun/data/<data set>; download fetches a
+    missing public set; image_size resizes; subset keeps the first N training images."""
 
-    name: str = "digits"
+    name: str = "images"
     root: Optional[str] = None
     download: bool = False
     image_size: Optional[int] = None
-    augment: bool = False
     subset: Optional[int] = None
-    test_as_train: bool = False
-    train_dir: str = "train"
-    val_dir: str = "val"
 
     def check(self) -> None:
         if self.image_size is not None and self.image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+            raise ValueError(f"task.image_size must be >= 1, got {self.image_size}")
         if self.subset is not None and self.subset < 1:
-            raise ValueError(f"subset must be >= 1, got {self.subset}")
+            raise ValueError(f"task.subset must be >= 1, got {self.subset}")
+
+
+@dataclass
+class ImageTaskConfig(ImageDataConfig):
+    """Image-classification options: the data (ImageDataConfig) and how they are used."""
+
+    name: str = "digits"
+    augment: bool = False
+    test_as_train: bool = False
+    train_dir: str = "train"
+    val_dir: str = "val"
 
 
 class ClassificationTask(DatasetTask):

@@ -25,20 +25,17 @@ from deqrun.data import paths
 from deqrun.data.generative import build_images
 from deqrun.registry import register_task
 from deqrun.tasks.base import LoaderOptions, ModelSpec, Task
+from deqrun.tasks.classification import ImageDataConfig
 
 ImageObjective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class GenerativeConfig:
-    """task=generative: data set, latent size, and the end-of-run pictures."""
+class GenerativeConfig(ImageDataConfig):
+    """task=generative: data (ImageDataConfig), latent size, and the end-of-run pictures."""
 
     name: str = "generative"
     dataset: str = "mnist"
-    root: Optional[str] = None
-    image_size: Optional[int] = None
-    download: bool = False
-    subset: Optional[int] = None
     eval_subset: Optional[int] = None
     latent_dim: int = 128
     latent_weight: float = 0.0
@@ -46,15 +43,14 @@ class GenerativeConfig:
     grid: int = 64
 
     def check(self) -> None:
+        super().check()
         if self.dataset not in ("mnist", "cifar10", "celeba", "folder"):
             raise ValueError(f"task.dataset must be one of celeba, cifar10, folder, mnist; "
                              f"got {self.dataset!r}")
         if self.latent_dim < 1 or self.fit_latents < 2 or self.grid < 1:
             raise ValueError("task.latent_dim and task.grid must be >= 1, task.fit_latents >= 2")
-        if self.latent_weight < 0 or any(n is not None and n < 1
-                                         for n in (self.subset, self.eval_subset)):
-            raise ValueError("task.latent_weight must be >= 0, task.subset and "
-                             "task.eval_subset >= 1")
+        if self.latent_weight < 0 or (self.eval_subset is not None and self.eval_subset < 1):
+            raise ValueError("task.latent_weight must be >= 0 and task.eval_subset >= 1")
         if self.image_size is not None and (self.image_size < 4 or self.image_size % 4):
             raise ValueError(f"task.image_size must be a multiple of 4, got {self.image_size}")
 
