@@ -234,3 +234,19 @@ def test_task_batches_pixels_and_the_attack(task: AdversarialTask, tmp_path: Pat
     assert [t["iteration"] for t in report["jiio_trace"]] == [4, 8, 12]
     metrics = task.artifacts(model, tmp_path, torch.device("cpu"))
     assert (tmp_path / "attacks.json").is_file() and "attack_pgd_robust_accuracy" in metrics
+
+
+def test_training_resolves_the_equilibrium_at_the_attacked_input() -> None:
+    # Two joint iterations leave z* far from z = f(z, x*); training re-solves it from z* (the
+    # model's Anderson, tol 1e-4) unless grad.resolve=false, and reports that solve.
+    x, y = torch.rand(4, 1, 12, 12), torch.randint(0, 10, (4,))
+    model = small_mdeq().train()
+    output, stats = model(attack_problem(x, y, "l2", 1.0, T=2, loss_scale=-0.25))
+    joint = output.jiio.rel_residual
+    assert joint.min() > 0.5 and stats.forward.rel_residual.max() < 0.5 * joint.min()
+    F.cross_entropy(output.logits, y).backward()
+    assert stats.backward is not None
+    model = small_mdeq().train()
+    model.input_optimiser.resolve = False
+    output, stats = model(attack_problem(x, y, "l2", 1.0, T=2, loss_scale=-0.25))
+    assert torch.equal(stats.forward.rel_residual, output.jiio.rel_residual)

@@ -75,7 +75,8 @@ def test_forward_with_an_input_problem(task: GenerativeTask) -> None:
     loss = task.loss(output, batch)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    assert stats.backward is not None and stats.forward.n_f_evals == 4
+    # stats.forward: the re-solve at x* (grad.resolve) by the DEQ (f_max_iter 6), after JIIO (T=4)
+    assert stats.backward is not None and 1 <= stats.forward.n_f_evals <= 6
     with torch.no_grad():
         output, _ = model.eval()(task.model_input(batch))
         decoded, _ = model(output.latent)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional
 
 import torch
@@ -55,6 +55,10 @@ class JIIOOptions:
     most this are candidates for the per-sample best objective (else the lowest-residual one):
     an iterate off the equilibrium can score below the true optimum, so keep it tight.
     b_*: the implicit backward of training; b_warm_start starts it from mu*.
+    resolve: in training, the model re-solves z = f(z, x*) with its own forward solver, warm-started
+    from z*, before the differentiable f call: a few joint iterations (an attack's training
+    budget) leave z* off the equilibrium at x*, and a model trained at such points is not the one
+    a full solve deploys.
     """
 
     T: int = 80
@@ -73,6 +77,7 @@ class JIIOOptions:
     b_max_iter: int = 40
     b_tol: float = 1e-6
     b_warm_start: bool = True
+    resolve: bool = True
 
     def check(self) -> None:
         """Raise ValueError with one line for a value out of range."""
@@ -399,18 +404,27 @@ class JIIO(JIIOOptions):
         return joint_solve(f, objective, z0, x0, self, x_center, callback)
 
     def equilibrium(self, f: StateMap, result: JIIOResult, loss_scale: float = 1.0,
-                    warm_start: bool | None = None) -> tuple[State, DEQStats]:
+                    warm_start: bool | None = None,
+                    solve: Callable[[Callable[[State], State], State], SolverResult] | None = None,
+                    ) -> tuple[State, DEQStats]:
         """One differentiable f(z*, x*) (x* detached) whose backward solves w = J^T w + grad.
 
-        The backward starts from loss_scale * mu* when warm_start (default b_warm_start), from
-        grad otherwise; stats.backward records its steps once backward ran.
+        With `solve` (the model's forward solver: (z -> f(z, x*), z0) -> SolverResult) and
+        resolve set, z* is first replaced by the solution of z = f(z, x*) started from z*, and
+        stats.forward reports that solve. The backward starts from loss_scale * mu* when
+        warm_start (default b_warm_start), from grad otherwise; stats.backward records its steps
+        once backward ran.
         """
         warm = self.b_warm_start if warm_start is None else warm_start
         x_star = result.x.detach()
+        forward = result.solver_result()
+        if solve is not None and self.resolve:
+            forward = solve(lambda z: f(z, x_star), result.z)
+            result = replace(result, z=forward.z)
         layout = StateLayout.of(result.z)
         z_in = layout.flatten(result.z).detach().requires_grad_()
         z_out = layout.flatten(f(layout.unflatten(z_in), x_star))
-        vjp, stats = _vjp(z_out, z_in), DEQStats(result.solver_result())
+        vjp, stats = _vjp(z_out, z_in), DEQStats(forward)
         w0 = loss_scale * result.mu if warm else None
 
         def hook(grad: torch.Tensor) -> torch.Tensor:

@@ -151,7 +151,8 @@ class MDEQGenerator(DEQModel):
     def infer(self, problem: InputProblem,
               callback: Callback | None = None) -> tuple[GeneratedImages, DEQStats]:
         """Latents minimising problem.objective by JIIO; in training, images carry the gradient
-        (warm-started implicit backward); in evaluation, images are decoded again at x*.
+        (warm-started implicit backward, at the equilibrium re-solved at x* unless
+        grad.resolve=false); in evaluation, images are decoded again at x*.
         callback(k, x) sees the latents after each JIIO iteration."""
         jiio = problem.options(self.jiio())
         reset_norms(self.equilibrium)
@@ -159,7 +160,9 @@ class MDEQGenerator(DEQModel):
                             self.initial_state(len(problem.x0), problem.x0), problem.x0,
                             problem.x_center, callback or problem.callback)
         if self.training and torch.is_grad_enabled():
-            z, stats = jiio.equilibrium(self.f, result, problem.loss_scale)
+            z, stats = jiio.equilibrium(
+                self.f, result, problem.loss_scale,
+                solve=lambda g, z0: self.deq.solve(g, z0, self.deq.f_max_iter, self.deq.f_tol))
             return GeneratedImages(self.head(z), result.x, result), stats
         with torch.no_grad():
             images, decoded = self.decode(result.x)

@@ -23,6 +23,7 @@ from deqrun.core import (
     DEQStats,
     InputProblem,
     JIIOResult,
+    SolverResult,
     apply_weight_norm,
     outer_gradient,
     reset_norms,
@@ -388,7 +389,9 @@ class MDEQ(DEQModel):
         equilibrium by JIIO (grad=jiio). In training (grad enabled), the logits at x* come from
         one differentiable f(z*, x*) with the implicit backward warm-started from mu*
         (problem.loss_scale maps the objective to the training loss); otherwise from a plain
-        solve at x*. Batch-norm statistics are not updated by the attack's iterations."""
+        solve at x*. Batch-norm statistics are not updated by the attack's iterations. With
+        grad.resolve (default), training first re-solves the equilibrium at x* from z* with the
+        model's forward solver, so that it trains at the point a deployed solve reaches."""
         if self.input_optimiser is None:
             raise ConfigError("model=mdeq attacks its input with JIIO: run it with grad=jiio "
                               "(no input optimiser was given)")
@@ -407,7 +410,11 @@ class MDEQ(DEQModel):
                                 self.initial_state(injection0), x0, problem.x_center,
                                 problem.callback)
         if self.training and torch.is_grad_enabled():
-            z, stats = jiio.equilibrium(f, result, problem.loss_scale)
+            def solve(g: Callable[[Tensors], Tensors], z0: Tensors) -> SolverResult:
+                with frozen_batch_stats(self):
+                    return self.deq.solve(g, z0, self.deq.f_max_iter, self.deq.f_tol)
+
+            z, stats = jiio.equilibrium(f, result, problem.loss_scale, solve=solve)
             return AttackedLogits(self.head(z), result.x, result), stats
         with torch.no_grad():
             logits, decoded = self.forward(result.x)
