@@ -3,7 +3,8 @@ PGD-20), composed from the presets experiment=jiio/generative_mnist and jiio/adv
 
     python scripts/jiio_table.py --scale smoke|paper [--dry] [--data-root ../shared/data/mnist]
 
-Jobs, in order (each a separate process; a completed run is reused, trainer.resume=true):
+Jobs, in order (each a separate process; a completed run is reused, trainer.resume=true, and so
+is a timing study newer than the generator's checkpoint: delete a run folder to redo it):
   1. the MDEQ classifier trained on clean images (task.train_attack=none);
   2. the same model trained with JIIO-k attacks (task.train_attack=jiio);
      both end with PGD-20 and JIIO-80 on the first task.attack_subset test images (attacks.json);
@@ -78,6 +79,15 @@ def argv(job: dict[str, Any]) -> list[str]:
     return head + job["args"]
 
 
+def timing_is_current(job: dict[str, Any]) -> bool:
+    """The timing study's jiio_timing.json exists and is newer than the checkpoint it timed."""
+    args = job["args"]
+    checkpoint = Path(args[args.index("--checkpoint") + 1])
+    result = Path(args[args.index("--out") + 1]) / "jiio_timing.json"
+    return checkpoint.is_file() and result.is_file() and \
+        result.stat().st_mtime > checkpoint.stat().st_mtime
+
+
 def run_jobs(todo: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     """Run each job; a run folder that already holds a completed run is reused (its wall time
     then is the one recorded when it ran, in outputs/runs/<name>/table_job.json)."""
@@ -89,6 +99,12 @@ def run_jobs(todo: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
                 json.loads(metrics.read_text()).get("status") == "completed":
             done.append({**json.loads(record.read_text()), "reused": True})
             print(f"== {job['name']}: completed before, reused", flush=True)
+            continue
+        if job["kind"] == "script" and timing_is_current(job):
+            done.append({"name": job["name"], "command": shlex.join(argv(job)), "exit": 0,
+                         "reused": True})
+            print(f"== {job['name']}: its results are newer than the checkpoint, reused",
+                  flush=True)
             continue
         command = argv(job)
         print("== " + shlex.join(command), flush=True)

@@ -37,6 +37,26 @@ def test_jobs_name_the_presets_and_reuse_completed_runs(scale: str) -> None:
     assert "task.train_attack=jiio" in jobs[1]["args"]
 
 
+def test_the_timing_study_is_reused_only_when_newer_than_its_checkpoint(tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    import os
+
+    script = load_script()
+    monkeypatch.chdir(tmp_path)
+    timing = script.jobs("smoke", "DATA")[-1]
+    assert not script.timing_is_current(timing)  # nothing there yet
+    checkpoint = Path("outputs/runs/jiio-generator-smoke/checkpoints/last.pt")
+    result = Path("outputs/tables/jiio-smoke/timing/jiio_timing.json")
+    for path in (checkpoint, result):
+        path.parent.mkdir(parents=True)
+        path.write_text("{}")
+    os.utime(checkpoint, (1000, 1000))
+    os.utime(result, (2000, 2000))
+    assert script.timing_is_current(timing)
+    os.utime(checkpoint, (3000, 3000))  # the generator trained again: time it again
+    assert not script.timing_is_current(timing)
+
+
 def test_compose_reads_the_outputs_and_judges_the_claims(tmp_path: Path, monkeypatch) -> None:
     script = load_script()
     monkeypatch.chdir(tmp_path)
