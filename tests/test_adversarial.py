@@ -21,6 +21,7 @@ from deqrun.tasks.adversarial import (
     AdversarialTask,
     attack_problem,
     pgd_attack,
+    random_start,
     robust_evaluation,
 )
 from deqrun.tasks.base import LoaderOptions, ModelSpec
@@ -250,3 +251,15 @@ def test_training_resolves_the_equilibrium_at_the_attacked_input() -> None:
     model.input_optimiser.resolve = False
     output, stats = model(attack_problem(x, y, "l2", 1.0, T=2, loss_scale=-0.25))
     assert torch.equal(stats.forward.rel_residual, output.jiio.rel_residual)
+
+
+@pytest.mark.parametrize("norm, eps", [("l2", 1.0), ("linf", 0.1)])
+def test_random_start_lies_in_the_ball_and_the_training_attack_starts_there(norm, eps) -> None:
+    torch.manual_seed(0)
+    images = torch.rand(16, 1, 12, 12)
+    start = random_start(images, norm, eps)
+    delta = (start - images).flatten(1)
+    size = delta.abs().max(1).values if norm == "linf" else delta.norm(dim=1)
+    assert (size <= eps * (1 + 1e-6)).all() and (size > 0.5 * eps).all()
+    problem = attack_problem(images, torch.zeros(16, dtype=torch.long), norm, eps, start=start)
+    assert torch.equal(problem.x0, start) and torch.equal(problem.x_center, images)

@@ -56,6 +56,7 @@ class AdversarialConfig(ImageDataConfig):
     eps: float = 1.0
     train_attack: str = "jiio"
     train_iters: int = 10
+    random_start: bool = True
     pgd_steps: int = 20
     pgd_lr: float = 0.2
     attack_subset: int = 500
@@ -112,15 +113,29 @@ def logits_of(output: Any) -> torch.Tensor:
 def attack_problem(images: torch.Tensor, labels: torch.Tensor, norm: str, eps: float,
                    T: int | None = None, loss_scale: float = 1.0,
                    callback: Callable[[int, torch.Tensor], None] | None = None,
-                   ) -> InputProblem:
+                   start: torch.Tensor | None = None) -> InputProblem:
     """Maximise the cross-entropy in the `norm` ball of radius eps around images (minimise its
-    negative), normalised steps; T None keeps grad.T."""
+    negative), normalised steps, from `start` (default: the images); T None keeps grad.T."""
 
     def objective(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return -cross_entropy(logits, labels)
 
-    return InputProblem(x0=images, objective=objective, x_center=images, loss_scale=loss_scale,
-                        projection=norm, eps=eps, normalized_step=True, T=T, callback=callback)
+    return InputProblem(x0=images if start is None else start, objective=objective,
+                        x_center=images, loss_scale=loss_scale, projection=norm, eps=eps,
+                        normalized_step=True, T=T, callback=callback)
+
+
+def random_start(images: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """A point drawn uniformly from the `norm` ball of radius eps around each image (the random
+    start of PGD training, Madry et al. 2018: without it a few-step attack from the image itself
+    perturbs along the label's own gradient, and training on it can leak the label)."""
+    if norm == "linf":
+        return images + (2 * torch.rand_like(images) - 1) * eps
+    direction = torch.randn_like(images)
+    direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-30).view(
+        -1, *([1] * (images.dim() - 1)))
+    radius = eps * torch.rand(len(images), device=images.device) ** (1.0 / images[0].numel())
+    return images + direction * radius.view(-1, *([1] * (images.dim() - 1)))
 
 
 @contextmanager
@@ -242,8 +257,9 @@ class AdversarialTask(Task):
         if not batch.attack:
             return batch.images
         o = self.options
+        start = random_start(batch.images, o.norm, o.eps) if o.random_start else None
         return attack_problem(batch.images, batch.labels, o.norm, o.eps, T=o.train_iters,
-                              loss_scale=-1.0 / len(batch.labels))
+                              loss_scale=-1.0 / len(batch.labels), start=start)
 
     def loss(self, output: Any, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(logits_of(output), batch.labels)
