@@ -92,6 +92,12 @@ def timing_is_current(job: dict[str, Any]) -> bool:
         result.stat().st_mtime > checkpoint.stat().st_mtime
 
 
+def timing_record(job: dict[str, Any]) -> Path:
+    """Where the timing study's command and wall time are kept (beside its results)."""
+    args = job["args"]
+    return Path(args[args.index("--out") + 1]) / "table_job.json"
+
+
 def run_jobs(todo: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     """Run each job; a run folder that already holds a completed run is reused (its wall time
     then is the one recorded when it ran, in outputs/runs/<name>/table_job.json)."""
@@ -105,8 +111,10 @@ def run_jobs(todo: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
             print(f"== {job['name']}: completed before, reused", flush=True)
             continue
         if job["kind"] == "script" and timing_is_current(job):
-            done.append({"name": job["name"], "command": shlex.join(argv(job)), "exit": 0,
-                         "reused": True})
+            earlier = timing_record(job)
+            entry = json.loads(earlier.read_text()) if earlier.is_file() else {
+                "name": job["name"], "command": shlex.join(argv(job)), "exit": 0}
+            done.append({**entry, "reused": True})
             print(f"== {job['name']}: its results are newer than the checkpoint, reused",
                   flush=True)
             continue
@@ -116,9 +124,10 @@ def run_jobs(todo: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
         status = subprocess.call(command)
         entry = {"name": job["name"], "command": shlex.join(command), "exit": status,
                  "wall_s": round(time.perf_counter() - start, 1)}
-        if job["kind"] == "deqrun":
-            record.parent.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps(entry, indent=1))
+        if job["kind"] == "deqrun" or status == 0:  # the wall time, for a later reuse
+            target = record if job["kind"] == "deqrun" else timing_record(job)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(entry, indent=1))
         done.append(entry)
         if status != 0:
             raise SystemExit(f"jiio_table: job {job['name']} failed with exit {status}")
