@@ -83,19 +83,22 @@ def argv(job: dict[str, Any]) -> list[str]:
     return head + job["args"]
 
 
+def _option(job: dict[str, Any], flag: str) -> str:
+    """The value after `flag` in a script job's arguments."""
+    return job["args"][job["args"].index(flag) + 1]
+
+
 def timing_is_current(job: dict[str, Any]) -> bool:
     """The timing study's jiio_timing.json exists and is newer than the checkpoint it timed."""
-    args = job["args"]
-    checkpoint = Path(args[args.index("--checkpoint") + 1])
-    result = Path(args[args.index("--out") + 1]) / "jiio_timing.json"
+    checkpoint = Path(_option(job, "--checkpoint"))
+    result = Path(_option(job, "--out")) / "jiio_timing.json"
     return checkpoint.is_file() and result.is_file() and \
         result.stat().st_mtime > checkpoint.stat().st_mtime
 
 
 def timing_record(job: dict[str, Any]) -> Path:
     """Where the timing study's command and wall time are kept (beside its results)."""
-    args = job["args"]
-    return Path(args[args.index("--out") + 1]) / "table_job.json"
+    return Path(_option(job, "--out")) / "table_job.json"
 
 
 def run_jobs(todo: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
