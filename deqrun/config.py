@@ -109,6 +109,10 @@ class TrainerConfig:
     num_workers: int = 0
     resume: bool = False
     resume_from: Optional[str] = None
+    # A new run starting from another run's weights (fine-tuning): a checkpoint file or a run
+    # folder (its checkpoints/last.pt). Weights and batch-norm statistics only; the optimiser,
+    # schedule and step start anew. Ignored once the run has its own checkpoint to resume.
+    init_from: Optional[str] = None
     progress: Optional[bool] = None
     threads: Optional[int] = None
     precision_every: int = 0

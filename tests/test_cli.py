@@ -125,6 +125,27 @@ def test_resume_without_checkpoint_starts_fresh_but_a_missing_resume_from_is_an_
     assert missing.returncode == 2 and "no checkpoint at /nonexistent/last.pt" in missing.stderr
 
 
+def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path):
+    first = deqrun([*FAST, "run_name=first"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    source = tmp_path / "outputs" / "runs" / "first"
+    # a learning rate of ~0: the new run's weights stay those it was initialised with
+    tuned = deqrun([*FAST, "run_name=tuned", f"trainer.init_from={source}", "optim.lr=1e-12",
+                    "trainer.max_steps=1"], tmp_path)
+    assert tuned.returncode == 0, tuned.stderr
+    run_dir = tmp_path / "outputs" / "runs" / "tuned"
+    content = metrics(run_dir)
+    assert any(f"initialised from {source}/checkpoints/last.pt" in n for n in content["notes"])
+    assert json.loads((run_dir / "steps.jsonl").read_text().splitlines()[0])["step"] == 1
+    before = torch.load(source / "checkpoints" / "last.pt", weights_only=True)["model"]
+    after = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    params = [k for k in before if "running" not in k and "num_batches" not in k]
+    assert all(torch.allclose(before[k], after[k], atol=1e-8) for k in params)
+    missing = deqrun([*FAST, "trainer.init_from=/nonexistent"], tmp_path)
+    assert missing.returncode == 2
+    assert "trainer.init_from=/nonexistent: no checkpoint there" in missing.stderr
+
+
 @pytest.mark.parametrize("logger,files", [("csv", ["steps.csv", "epochs.csv"]),
                                           ("wandb", ["wandb"]), ("tensorboard", ["tensorboard"]),
                                           ("none", [])])

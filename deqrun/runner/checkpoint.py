@@ -145,6 +145,20 @@ def restore(path: Path, state: dict[str, Any], model: nn.Module,
     return progress
 
 
+def init_weights(source: str | Path, model: nn.Module, device: torch.device) -> Path:
+    """Load another run's weights into a fresh model (trainer.init_from): a checkpoint file or a
+    run folder holding checkpoints/last.pt. Returns the checkpoint's path."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise ConfigError(f"trainer.init_from={source}: no checkpoint there (give a checkpoint "
+                          "file or a run folder with checkpoints/last.pt)")
+    state = read_checkpoint(path, device)
+    _load_weights(path, state["model"], model)
+    return path
+
+
 def _load_weights(path: Path, saved: dict[str, Any], model: nn.Module) -> None:
     """Load the weights, or one line saying which parameters do not fit."""
     own = model.state_dict()

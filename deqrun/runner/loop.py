@@ -60,7 +60,8 @@ from deqrun.runner.build import (
     seed_everything,
     select_device,
 )
-from deqrun.runner.checkpoint import check_compatible, read_checkpoint, restore, save_checkpoint
+from deqrun.runner.checkpoint import (check_compatible, init_weights, read_checkpoint, restore,
+                                      save_checkpoint)
 from deqrun.runner.precision_policy import (
     NumericsPolicy,
     apply_policy,
@@ -285,7 +286,11 @@ def prepare(config: RunConfig, resolved: dict[str, Any], run_dir: Path,
                                 f"{'; '.join(changed)}")
         if ctx.is_main:
             clear_requeue(run_dir)
-    if t.progress.step == 0:
+    elif trainer.init_from:
+        path = init_weights(trainer.init_from, model, device)
+        config.notes.append(f"initialised from {path} (weights and batch-norm statistics; "
+                            "optimiser, schedule and step start anew)")
+    if t.progress.step == 0 and not (state is None and trainer.init_from):
         calibrate_batchnorm(t)
         if ctx.rank > 0:  # independent dropout masks per rank (the weights come from rank 0)
             torch.manual_seed(trainer.seed + RANK_SEED_STRIDE * ctx.rank)
