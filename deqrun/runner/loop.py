@@ -60,8 +60,13 @@ from deqrun.runner.build import (
     seed_everything,
     select_device,
 )
-from deqrun.runner.checkpoint import (check_compatible, init_weights, read_checkpoint, restore,
-                                      save_checkpoint)
+from deqrun.runner.checkpoint import (
+    check_compatible,
+    init_weights,
+    read_checkpoint,
+    restore,
+    save_checkpoint,
+)
 from deqrun.runner.precision_policy import (
     NumericsPolicy,
     apply_policy,
