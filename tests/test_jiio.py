@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from deqrun.core import GRADIENTS, JIIO, JIIOOptions, joint_solve
+from deqrun.core import DEQ, GRADIENTS, JIIO, JIIOOptions, joint_solve
 from deqrun.core.jiio import project
 
 DZ, DX, DY, BATCH = 6, 3, 4, 5
@@ -223,6 +223,33 @@ def test_warm_start_from_mu_saves_backward_steps() -> None:
     assert steps[True] * 3 <= steps[False]
 
 
+def test_z_init_solve_starts_at_the_equilibrium_and_reaches_the_same_optimum() -> None:
+    problem = make_problem(seed=3)
+    z0, x0 = start(problem)
+    x0 = x0 + 0.5
+    deq = DEQ("anderson", f_max_iter=200, f_tol=1e-13, stop_mode="abs")
+    calls = []
+
+    def forward(g, z):
+        calls.append(1)
+        return deq.solve(g, z, 200, 1e-13)
+
+    results = {}
+    for z_init in ("zeros", "solve"):
+        jiio = JIIO(**vars(options(problem, T=120, z_init=z_init)))
+        results[z_init] = jiio.solve(problem.f, problem.objective, z0, x0, forward=forward)
+    assert len(calls) == 1  # only z_init=solve calls the forward solver
+    # the first iterate is the equilibrium at x0 with z_init=solve, zeros (far off) otherwise
+    assert float(results["solve"].abs_trace[0].max()) < 1e-10
+    assert float(results["zeros"].abs_trace[0].min()) > 0.1
+    x_exact = problem.optimum()
+    for result in results.values():
+        torch.testing.assert_close(result.x, x_exact, atol=1e-8, rtol=0)
+        torch.testing.assert_close(result.z, problem.solve_z(x_exact), atol=1e-8, rtol=0)
+    with pytest.raises(ValueError, match="z_init=solve needs the model's forward solver"):
+        JIIO(z_init="solve").solve(problem.f, problem.objective, z0, x0)
+
+
 def test_options_are_checked() -> None:
     assert JIIOOptions(T=40).switch_at == 50 and JIIOOptions(T=160).switch_at == 100
     assert JIIOOptions(T=160, switch_iter=7).switch_at == 7
@@ -230,4 +257,6 @@ def test_options_are_checked() -> None:
         JIIOOptions(alpha0=[0.1]).check()
     with pytest.raises(ValueError, match="projection"):
         JIIO(projection="l1")
+    with pytest.raises(ValueError, match="z_init"):
+        JIIO(z_init="ones")
     assert "jiio" not in GRADIENTS  # an input-optimisation mode, not a gradient of the DEQ layer

@@ -146,6 +146,12 @@ class DEQ(nn.Module):
             raise ValueError(f"grad={grad} needs solver=broyden (got solver={solver})")
         self._reused: list[tuple[Callable, State, SolverResult]] | None = None
 
+    def budget(self, training: bool) -> tuple[int, float]:
+        """(max_iter, tol) of the forward solve in training, or in evaluation."""
+        if training:
+            return self.f_max_iter, self.f_tol
+        return self.eval_f_max_iter, self.eval_f_tol
+
     @property
     def wants_outer_grad(self) -> bool:
         """Whether training solves use the outer-loss gradient (broyden with opa_every > 0)."""

@@ -35,9 +35,11 @@ from .solvers import REL_EPS, SolverResult, _anderson_weights
 from .state import State, StateLayout
 
 PROJECTIONS = ("none", "l2", "linf")
+Z_INITS = ("zeros", "solve")
 StateMap = Callable[[State, torch.Tensor], State]
 Objective = Callable[[State, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor], None]
+ForwardSolve = Callable[[Callable[[State], State], State], SolverResult]
 
 
 @dataclass
@@ -59,6 +61,10 @@ class JIIOOptions:
     from z*, before the differentiable f call: a few joint iterations (an attack's training
     budget) leave z* off the equilibrium at x*, and a model trained at such points is not the one
     a full solve deploys.
+    z_init: where z starts. zeros (the paper's); solve: at the equilibrium z = f(z, x0), found
+    by the model's forward solver (its budget), so the first input steps already follow the
+    gradient at (nearly) the equilibrium instead of at a z that trails x by a full forward solve
+    (matters when T is small, e.g. a training attack of a few iterations).
     """
 
     T: int = 80
@@ -78,6 +84,7 @@ class JIIOOptions:
     b_tol: float = 1e-6
     b_warm_start: bool = True
     resolve: bool = True
+    z_init: str = "zeros"
 
     def check(self) -> None:
         """Raise ValueError with one line for a value out of range."""
@@ -92,6 +99,8 @@ class JIIOOptions:
         _require(self.projection in PROJECTIONS,
                  f"JIIO projection must be one of {PROJECTIONS}, got {self.projection!r}")
         _require(self.eps > 0, f"JIIO eps must be > 0, got {self.eps}")
+        _require(self.z_init in Z_INITS,
+                 f"JIIO z_init must be one of {Z_INITS}, got {self.z_init!r}")
         _require(self.lam >= 0 and self.best_rel_residual > 0,
                  "JIIO lam must be >= 0 and best_rel_residual > 0")
 
@@ -398,14 +407,21 @@ class JIIO(JIIOOptions):
                                  b_tol=self.b_tol)
 
     def solve(self, f: StateMap, objective: Objective, z0: State, x0: torch.Tensor,
-              x_center: torch.Tensor | None = None,
-              callback: Callback | None = None) -> JIIOResult:
-        """The joint solve with these options."""
+              x_center: torch.Tensor | None = None, callback: Callback | None = None,
+              forward: ForwardSolve | None = None) -> JIIOResult:
+        """The joint solve with these options. With z_init=solve, `forward` (the model's forward
+        solver: (z -> f(z, x0), z0) -> SolverResult) first moves z0 to the equilibrium at x0."""
+        if self.z_init == "solve":
+            if forward is None:
+                raise ValueError("JIIO z_init=solve needs the model's forward solver")
+            x_start = x0.detach()
+            with torch.no_grad():
+                z0 = forward(lambda z: f(z, x_start), z0).z
         return joint_solve(f, objective, z0, x0, self, x_center, callback)
 
     def equilibrium(self, f: StateMap, result: JIIOResult, loss_scale: float = 1.0,
                     warm_start: bool | None = None,
-                    solve: Callable[[Callable[[State], State], State], SolverResult] | None = None,
+                    solve: ForwardSolve | None = None,
                     ) -> tuple[State, DEQStats]:
         """One differentiable f(z*, x*) (x* detached) whose backward solves w = J^T w + grad.
 

@@ -11,12 +11,12 @@ equilibrium (grad=jiio), or decodes a given latent with its DEQ.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 from torch import nn
 
-from deqrun.core import DEQ, JIIO, DEQStats, InputProblem, JIIOResult, reset_norms
+from deqrun.core import DEQ, JIIO, DEQStats, InputProblem, JIIOResult, SolverResult, reset_norms
 from deqrun.core.jiio import Callback
 from deqrun.core.norm import apply_weight_norm
 from deqrun.errors import ConfigError
@@ -156,13 +156,14 @@ class MDEQGenerator(DEQModel):
         callback(k, x) sees the latents after each JIIO iteration."""
         jiio = problem.options(self.jiio())
         reset_norms(self.equilibrium)
+        def solve(g: Callable[[Tensors], Tensors], z0: Tensors) -> SolverResult:
+            return self.deq.solve(g, z0, *self.deq.budget(self.training))
+
         result = jiio.solve(self.f, lambda z, x: problem.objective(self.head(z), x),
                             self.initial_state(len(problem.x0), problem.x0), problem.x0,
-                            problem.x_center, callback or problem.callback)
+                            problem.x_center, callback or problem.callback, forward=solve)
         if self.training and torch.is_grad_enabled():
-            z, stats = jiio.equilibrium(
-                self.f, result, problem.loss_scale,
-                solve=lambda g, z0: self.deq.solve(g, z0, self.deq.f_max_iter, self.deq.f_tol))
+            z, stats = jiio.equilibrium(self.f, result, problem.loss_scale, solve=solve)
             return GeneratedImages(self.head(z), result.x, result), stats
         with torch.no_grad():
             images, decoded = self.decode(result.x)

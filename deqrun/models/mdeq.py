@@ -405,15 +405,15 @@ class MDEQ(DEQModel):
         def f(z: Tensors, x: torch.Tensor) -> Tensors:
             return self.f(z, self.injection(x), masks)
 
+        def solve(g: Callable[[Tensors], Tensors], z0: Tensors) -> SolverResult:
+            with frozen_batch_stats(self):
+                return self.deq.solve(g, z0, *self.deq.budget(self.training))
+
         with frozen_batch_stats(self):
             result = jiio.solve(f, lambda z, x: problem.objective(self.head(z), x),
                                 self.initial_state(injection0), x0, problem.x_center,
-                                problem.callback)
+                                problem.callback, forward=solve)
         if self.training and torch.is_grad_enabled():
-            def solve(g: Callable[[Tensors], Tensors], z0: Tensors) -> SolverResult:
-                with frozen_batch_stats(self):
-                    return self.deq.solve(g, z0, self.deq.f_max_iter, self.deq.f_tol)
-
             z, stats = jiio.equilibrium(f, result, problem.loss_scale, solve=solve)
             return AttackedLogits(self.head(z), result.x, result), stats
         with torch.no_grad():
