@@ -46,6 +46,7 @@ def observation(problem: str, clean: torch.Tensor) -> tuple[torch.Tensor, torch.
 def record_jiio(model: MDEQGenerator, problem: InputProblem, device: torch.device) -> Path_:
     """JIIO's latent after every iteration, with its time since the start."""
     path: Path_ = []
+    model.eval()  # inference only (Adam's runs before leave the model in training mode)
     synchronize(device)
     start = time.perf_counter()
 
@@ -103,7 +104,8 @@ def load_generator(args: argparse.Namespace, image_shape: tuple[int, ...],
               b_max_iter=args.b_max_iter, b_tol=args.b_tol)
     model = MDEQGenerator(GeneratorConfig(size=args.size), deq, image_shape, args.latent_dim)
     model.input_optimiser = JIIO(T=args.T, m=args.m, alpha0=list(args.alpha0),
-                                 b_max_iter=args.b_max_iter, b_tol=args.b_tol)
+                                 b_max_iter=args.b_max_iter, b_tol=args.b_tol,
+                                 z_init=args.z_init)
     state = torch.load(args.checkpoint, map_location=device)
     model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
     return model.to(device).eval()
@@ -142,7 +144,8 @@ def summarise(name: str, curves: dict, higher: bool) -> dict:
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
-    lines = [f"JIIO (T={args.T}, m={args.m}, alpha0={args.alpha0}) vs Adam on the latent "
+    lines = [f"JIIO (T={args.T}, m={args.m}, alpha0={args.alpha0}, z_init={args.z_init}) vs Adam "
+             f"on the latent "
              f"(lr {args.adam_lr}, {args.adam_steps} steps), batch {args.batch}, one process.",
              "", "| problem | metric | JIIO final | JIIO ms | Adam final | Adam ms | "
              "JIIO ms to Adam's final | speed-up at equal quality |", "|---" * 8 + "|"]
@@ -187,6 +190,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--T", type=int, default=40)
     parser.add_argument("--m", type=int, default=20)
     parser.add_argument("--alpha0", type=float, nargs=2, default=[3.0, 1.0])
+    parser.add_argument("--z-init", choices=["zeros", "solve"], default="zeros",
+                        help="JIIO's z start: zeros (the paper's) or the equilibrium at x = 0 "
+                             "(one forward solve, inside JIIO's timed path)")
     parser.add_argument("--f-max-iter", type=int, default=30)
     parser.add_argument("--f-tol", type=float, default=1e-3)
     parser.add_argument("--b-max-iter", type=int, default=30)
