@@ -6,7 +6,8 @@ PGD-20), composed from the presets experiment=jiio/generative_mnist and jiio/adv
 Jobs, in order (each a separate process; a completed run is reused, trainer.resume=true, and so
 is a timing study newer than the generator's checkpoint: delete a run folder to redo it):
   1. the MDEQ classifier trained on clean images (task.train_attack=none);
-  2. the same model trained with JIIO-k attacks (task.train_attack=jiio);
+  2. that classifier fine-tuned with JIIO-k attacks (task.train_attack=jiio,
+     trainer.init_from=job 1's run) for the scale's steps;
      both end with PGD-20 and JIIO-80 on the first task.attack_subset test images (attacks.json);
   3. the generator: deqrun experiment=jiio/generative_mnist (JIIO latent inference), SCALE's steps;
   4. scripts/jiio_timing.py on its checkpoint: JIIO vs Adam on the latent (lr 1, 40 steps), per
@@ -43,7 +44,9 @@ SCALES: dict[str, dict[str, Any]] = {
                       "task.fit_latents=256", "trainer.threads=2"],
         "timing": ["--problems", "recon,inpaint,denoise02", "--batch", "32", "--T", "200",
                    "--m", "40", "--alpha0", "5", "5", "--every", "10", "--threads", "2"],
-        "classifier": ["trainer.max_steps=300", "task.attack_subset=300", "trainer.threads=2"],
+        "classifier": ["task.attack_subset=300", "trainer.threads=2"],
+        # training steps: the clean classifier, then its fine-tuning with JIIO attacks
+        "steps": {"none": 300, "jiio": 600},
     },
     "paper": {
         "generator": ["solver=anderson", "trainer.max_steps=2000", "trainer.batch_size=32",
@@ -51,7 +54,8 @@ SCALES: dict[str, dict[str, Any]] = {
                       "trainer.eval_every=1000"],
         "timing": ["--problems", "recon,inpaint,denoise02,denoise04", "--batch", "64", "--T",
                    "200", "--m", "40", "--alpha0", "5", "5", "--every", "5"],
-        "classifier": ["trainer.max_steps=3000", "task.attack_subset=2000"],
+        "classifier": ["task.attack_subset=2000"],
+        "steps": {"none": 3000, "jiio": 3000},
     },
 }
 
@@ -62,10 +66,14 @@ def jobs(scale: str, data_root: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for attack in ("none", "jiio"):
         name = f"jiio-adv-{attack}-{scale}"
+        # adversarial training fine-tunes the clean-trained classifier (job 1)
+        start = [f"trainer.init_from=outputs/runs/jiio-adv-none-{scale}"] \
+            if attack == "jiio" else []
         out.append({"name": name, "kind": "deqrun",
                     "args": ["experiment=jiio/adversarial_mnist", f"task.root={data_root}",
                              f"task.train_attack={attack}", f"run_name={name}",
-                             "trainer.resume=true", *s["classifier"]]})
+                             "trainer.resume=true", *start,
+                             f"trainer.max_steps={s['steps'][attack]}", *s["classifier"]]})
     generator = f"jiio-generator-{scale}"
     out.append({"name": generator, "kind": "deqrun",
                 "args": ["experiment=jiio/generative_mnist", f"task.root={data_root}",
@@ -183,7 +191,7 @@ def compose(scale: str, out: Path, done: list[dict[str, Any]]) -> str:
               "## Adversarial (MDEQ on MNIST, L2 ball eps 1 in pixels)", "",
               "| training | clean acc (test) | attacked images | clean acc | PGD-20 robust acc | "
               "JIIO-80 robust acc | PGD-20 CE / ms | JIIO-80 CE / ms |", "|---" * 8 + "|"]
-    for a, label in (("none", "clean images"), ("jiio", "JIIO-k attacks")):
+    for a, label in (("none", "clean images"), ("jiio", "then JIIO-k attacks")):
         r, final = attacks[a], finals[a]
         lines.append(f"| {label} | {_fmt(final.get('test_accuracy'))} | {r['samples']} | "
                      f"{r['clean_accuracy']:.3f} | {r['pgd_robust_accuracy']:.3f} | "

@@ -35,6 +35,9 @@ def test_jobs_name_the_presets_and_reuse_completed_runs(scale: str) -> None:
         if job["kind"] == "deqrun":
             assert "trainer.resume=true" in job["args"] and "task.root=DATA" in job["args"]
     assert "task.train_attack=jiio" in jobs[1]["args"]
+    # adversarial training starts from the clean classifier's weights (job 1's run folder)
+    assert f"trainer.init_from=outputs/runs/{names[0]}" in jobs[1]["args"]
+    assert not any(a.startswith("trainer.init_from") for a in jobs[0]["args"])
 
 
 def test_the_timing_study_is_reused_only_when_newer_than_its_checkpoint(tmp_path: Path,
