@@ -46,7 +46,6 @@ def observation(problem: str, clean: torch.Tensor) -> tuple[torch.Tensor, torch.
 def record_jiio(model: MDEQGenerator, problem: InputProblem, device: torch.device) -> Path_:
     """JIIO's latent after every iteration, with its time since the start."""
     path: Path_ = []
-    model.eval()  # inference only (Adam's runs before leave the model in training mode)
     synchronize(device)
     start = time.perf_counter()
 
