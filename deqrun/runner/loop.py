@@ -295,8 +295,9 @@ def prepare(config: RunConfig, resolved: dict[str, Any], run_dir: Path,
         path = init_weights(trainer.init_from, model, device)
         config.notes.append(f"initialised from {path} (weights and batch-norm statistics; "
                             "optimiser, schedule and step start anew)")
-    if t.progress.step == 0 and not (state is None and trainer.init_from):
-        calibrate_batchnorm(t)
+    if t.progress.step == 0:
+        if not (state is None and trainer.init_from):  # init_from brings its own statistics
+            calibrate_batchnorm(t)
         if ctx.rank > 0:  # independent dropout masks per rank (the weights come from rank 0)
             torch.manual_seed(trainer.seed + RANK_SEED_STRIDE * ctx.rank)
     t.net = ddp.wrap_model(model, ctx)
