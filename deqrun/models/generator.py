@@ -156,6 +156,7 @@ class MDEQGenerator(DEQModel):
         callback(k, x) sees the latents after each JIIO iteration."""
         jiio = problem.options(self.jiio())
         reset_norms(self.equilibrium)
+
         def solve(g: Callable[[Tensors], Tensors], z0: Tensors) -> SolverResult:
             return self.deq.solve(g, z0, *self.deq.budget(self.training))
 
