@@ -223,6 +223,27 @@ def test_warm_start_from_mu_saves_backward_steps() -> None:
     assert steps[True] * 3 <= steps[False]
 
 
+def test_jacobian_penalty_in_training_is_the_frobenius_norm_at_z_star() -> None:
+    f, objective, z0, x0, params = tanh_problem(seed=2)
+    jiio = JIIO(T=100, m=10, alpha0=[0.3, 0.3], best_rel_residual=1e-9)
+    result = jiio.solve(f, objective, z0, x0)
+    _, off = jiio.equilibrium(f, result, loss_scale=1.0 / len(x0))
+    assert off.jac_loss is None
+    torch.manual_seed(0)
+    z, stats = jiio.equilibrium(f, result, loss_scale=1.0 / len(x0), jac_samples=4000)
+    jac = torch.autograd.functional.jacobian(lambda v: f(v, result.x.detach()), result.z)
+    width = z0.shape[1]
+    exact = sum(jac[i, :, i].pow(2).sum() for i in range(len(x0))) / len(x0) / width
+    assert abs(float(stats.jac_loss.detach()) - float(exact)) < 0.05 * float(exact)
+    # differentiable in the parameters, beside the (unchanged, exact) implicit gradient
+    (grad_w,) = torch.autograd.grad(stats.jac_loss, params[0], retain_graph=True)
+    assert grad_w.abs().sum() > 0
+    grads = torch.autograd.grad(objective(z, result.x.detach()).mean(), params)
+    exact_grads = exact_parameter_gradient(f, objective, result.z, result.x.detach(), params)
+    for got, want in zip(grads, exact_grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 def test_z_init_solve_starts_at_the_equilibrium_and_reaches_the_same_optimum() -> None:
     problem = make_problem(seed=3)
     z0, x0 = start(problem)

@@ -85,6 +85,19 @@ def test_forward_with_an_input_problem(task: GenerativeTask) -> None:
     assert task.reduce(sums)["mse"] == pytest.approx(sums["sq_error"] / 8)
 
 
+def test_the_jacobian_penalty_reaches_the_jiio_training_path(task: GenerativeTask) -> None:
+    torch.manual_seed(0)
+    model = generator(task).train()
+    batch = batch_of(task)
+    assert model(task.model_input(batch))[1].jac_loss is None
+    model.deq.jac_reg = True  # what the runner's penalty switch does on a penalised step
+    output, stats = model(task.model_input(batch))
+    assert stats.jac_loss is not None and float(stats.jac_loss.detach()) > 0
+    (task.loss(output, batch) + stats.jac_loss).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in model.implicit_parameters())
+
+
 def test_generator_needs_grad_jiio_for_inference(task: GenerativeTask) -> None:
     model = generator(task)
     model.input_optimiser = None

@@ -153,6 +153,11 @@ class DEQ(nn.Module):
         return self.eval_f_max_iter, self.eval_f_tol
 
     @property
+    def penalty_samples(self) -> int:
+        """Hutchinson probes of the Jacobian penalty this step: jac_samples when on, else 0."""
+        return self.jac_samples if self.jac_reg else 0
+
+    @property
     def wants_outer_grad(self) -> bool:
         """Whether training solves use the outer-loss gradient (broyden with opa_every > 0)."""
         return self.solver_options.get("opa_every", 0) > 0

@@ -31,6 +31,7 @@ import torch
 
 from .deq import DEQStats
 from .gradients import Implicit, _hooked, _vjp
+from .jacobian import jacobian_penalty
 from .solvers import REL_EPS, SolverResult, _anderson_weights
 from .state import State, StateLayout
 
@@ -421,7 +422,7 @@ class JIIO(JIIOOptions):
 
     def equilibrium(self, f: StateMap, result: JIIOResult, loss_scale: float = 1.0,
                     warm_start: bool | None = None,
-                    solve: ForwardSolve | None = None,
+                    solve: ForwardSolve | None = None, jac_samples: int = 0,
                     ) -> tuple[State, DEQStats]:
         """One differentiable f(z*, x*) (x* detached) whose backward solves w = J^T w + grad.
 
@@ -429,7 +430,9 @@ class JIIO(JIIOOptions):
         resolve set, z* is first replaced by the solution of z = f(z, x*) started from z*, and
         stats.forward reports that solve. The backward starts from loss_scale * mu* when
         warm_start (default b_warm_start), from grad otherwise; stats.backward records its steps
-        once backward ran.
+        once backward ran. jac_samples > 0 (the model's DEQ has its Jacobian penalty on for this
+        step) sets stats.jac_loss, the Hutchinson estimate of ||df/dz||_F^2 / dim at that z, with
+        this many probes, from the same f call (the paper trains its generator with it).
         """
         warm = self.b_warm_start if warm_start is None else warm_start
         x_star = result.x.detach()
@@ -441,6 +444,8 @@ class JIIO(JIIOOptions):
         z_in = layout.flatten(result.z).detach().requires_grad_()
         z_out = layout.flatten(f(layout.unflatten(z_in), x_star))
         vjp, stats = _vjp(z_out, z_in), DEQStats(forward)
+        if jac_samples > 0:
+            stats.jac_loss = jacobian_penalty(z_out, z_in, n_samples=jac_samples)
         w0 = loss_scale * result.mu if warm else None
 
         def hook(grad: torch.Tensor) -> torch.Tensor:

@@ -164,7 +164,8 @@ class MDEQGenerator(DEQModel):
                             self.initial_state(len(problem.x0), problem.x0), problem.x0,
                             problem.x_center, callback or problem.callback, forward=solve)
         if self.training and torch.is_grad_enabled():
-            z, stats = jiio.equilibrium(self.f, result, problem.loss_scale, solve=solve)
+            z, stats = jiio.equilibrium(self.f, result, problem.loss_scale, solve=solve,
+                                        jac_samples=self.deq.penalty_samples)
             return GeneratedImages(self.head(z), result.x, result), stats
         with torch.no_grad():
             images, decoded = self.decode(result.x)

@@ -414,7 +414,8 @@ class MDEQ(DEQModel):
                                 self.initial_state(injection0), x0, problem.x_center,
                                 problem.callback, forward=solve)
         if self.training and torch.is_grad_enabled():
-            z, stats = jiio.equilibrium(f, result, problem.loss_scale, solve=solve)
+            z, stats = jiio.equilibrium(f, result, problem.loss_scale, solve=solve,
+                                        jac_samples=self.deq.penalty_samples)
             return AttackedLogits(self.head(z), result.x, result), stats
         with torch.no_grad():
             logits, decoded = self.forward(result.x)
