@@ -15,14 +15,16 @@ Writes <out>/jiio_timing.json, <out>/jiio_timing.md and <out>/<problem>.png (los
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from deqrun.core import DEQ, JIIO, InputProblem
+from deqrun.core import DEQ, JIIO, InputProblem, JIIOOptions
 from deqrun.data.generative import build_images
 from deqrun.measure import synchronize
 from deqrun.models.generator import GeneratorConfig, MDEQGenerator
@@ -104,10 +106,27 @@ def load_generator(args: argparse.Namespace, image_shape: tuple[int, ...],
     model = MDEQGenerator(GeneratorConfig(size=args.size), deq, image_shape, args.latent_dim)
     model.input_optimiser = JIIO(T=args.T, m=args.m, alpha0=list(args.alpha0),
                                  b_max_iter=args.b_max_iter, b_tol=args.b_tol,
-                                 z_init=args.z_init)
+                                 z_init=args.z_init, **dict(jiio_options(args.option)))
     state = torch.load(args.checkpoint, map_location=device)
     model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
     return model.to(device).eval()
+
+
+def jiio_options(pairs: list[str]) -> list[tuple[str, Any]]:
+    """`--option KEY=VALUE` pairs as JIIO option values (VALUE read as JSON, else a string)."""
+    names = {f.name for f in dataclasses.fields(JIIOOptions)}
+    out = []
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in names:
+            raise SystemExit(f"--option takes KEY=VALUE with KEY a JIIO option "
+                             f"({', '.join(sorted(names))}); got {pair!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out.append((key, value))
+    return out
 
 
 def run_problem(model: MDEQGenerator, name: str, clean: torch.Tensor,
@@ -143,9 +162,9 @@ def summarise(name: str, curves: dict, higher: bool) -> dict:
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
-    lines = [f"JIIO (T={args.T}, m={args.m}, alpha0={args.alpha0}, z_init={args.z_init}) vs Adam "
-             f"on the latent "
-             f"(lr {args.adam_lr}, {args.adam_steps} steps), batch {args.batch}, one process.",
+    extra = "".join(f", {pair}" for pair in args.option)
+    lines = [f"JIIO (T={args.T}, m={args.m}, alpha0={args.alpha0}, z_init={args.z_init}{extra}) "
+             f"vs Adam on the latent (lr {args.adam_lr}, {args.adam_steps} steps), batch {args.batch}, one process.",
              "", "| problem | metric | JIIO final | JIIO ms | Adam final | Adam ms | "
              "JIIO ms to Adam's final | speed-up at equal quality |", "|---" * 8 + "|"]
     for r in rows:
@@ -192,6 +211,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--z-init", choices=["zeros", "solve"], default="zeros",
                         help="JIIO's z start: zeros (the paper's) or the equilibrium at x = 0 "
                              "(one forward solve, inside JIIO's timed path)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other JIIO option, e.g. --option balance=true "
+                             "--option z_damping=1.0 (repeatable)")
     parser.add_argument("--f-max-iter", type=int, default=30)
     parser.add_argument("--f-tol", type=float, default=1e-3)
     parser.add_argument("--b-max-iter", type=int, default=30)
