@@ -164,7 +164,8 @@ def summarise(name: str, curves: dict, higher: bool) -> dict:
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     extra = "".join(f", {pair}" for pair in args.option)
     lines = [f"JIIO (T={args.T}, m={args.m}, alpha0={args.alpha0}, z_init={args.z_init}{extra}) "
-             f"vs Adam on the latent (lr {args.adam_lr}, {args.adam_steps} steps), batch {args.batch}, one process.",
+             f"vs Adam on the latent (lr {args.adam_lr}, {args.adam_steps} steps), "
+             f"batch {args.batch}, one process.",
              "", "| problem | metric | JIIO final | JIIO ms | Adam final | Adam ms | "
              "JIIO ms to Adam's final | speed-up at equal quality |", "|---" * 8 + "|"]
     for r in rows:
