@@ -182,11 +182,12 @@ def compose(scale: str, out: Path, done: list[dict[str, Any]]) -> str:
              f"Generator: {last.get('step', '?')} training steps; test MSE "
              f"{_fmt(last.get('test_mse'))}, PSNR {_fmt(last.get('test_psnr'))} dB (images in "
              f"[-1, 1], JIIO latents); artifacts: recon.png, samples.png in its run folder.", "",
-             "| problem | metric | JIIO final | JIIO ms | Adam-40 final | Adam-40 ms | "
-             "JIIO ms to Adam-40's final | speed-up at equal quality |", "|---" * 8 + "|"]
+             "| problem | metric | at x = 0 | JIIO final | JIIO ms | Adam-40 final | Adam-40 ms | "
+             "JIIO ms to Adam-40's final | speed-up at equal quality |", "|---" * 9 + "|"]
     for r in timing:
         speed = r["speedup_at_equal_quality"]
-        lines.append(f"| {r['problem']} | {r['metric']} | {_fmt(r['jiio_final'])} | "
+        lines.append(f"| {r['problem']} | {r['metric']} | {_fmt(r.get('start'))} | "
+                     f"{_fmt(r['jiio_final'])} | "
                      f"{r['jiio_ms']:.0f} | {_fmt(r['adam_final'])} | {r['adam_ms']:.0f} | "
                      f"{_fmt(r['jiio_ms_to_adam_final'])} | "
                      f"{'-' if speed is None else f'{speed:.1f}x'} |")
@@ -221,6 +222,12 @@ def claims(timing: list[dict[str, Any]], attacks: dict[str, Any]) -> list[str]:
         if r is None:
             continue
         speed = r["speedup_at_equal_quality"]
+        if r.get("adam_improves") is False:
+            out.append(f"- JIIO reaches Adam-40's {what} at least 3x sooner: not measurable "
+                       f"here (Adam-40 ends at {_fmt(r['adam_final'])}, no better than the "
+                       f"latent x = 0 it starts from, {_fmt(r['start'])}: the observation "
+                       f"does not pin the image down, and fitting it only moves away).")
+            continue
         holds = speed is not None and speed >= 3
         detail = ("JIIO never reached Adam-40's final value" if speed is None else
                   f"{speed:.1f}x sooner")
@@ -232,8 +239,10 @@ def claims(timing: list[dict[str, Any]], attacks: dict[str, Any]) -> list[str]:
                f"({100 * gain:+.1f} points).")
     for a, label in (("jiio", "JIIO-trained"), ("none", "clean-trained")):
         r = attacks[a]
-        stronger = r["jiio_loss"] >= r["pgd_loss"] and \
-            r["jiio_robust_accuracy"] <= r["pgd_robust_accuracy"]
+        # strength: how often the attack fools the model (robust accuracy, the papers' measure);
+        # the cross-entropy is shown beside it (PGD keeps each image's highest-CE iterate, so
+        # its CE runs high even where it fools no more images)
+        stronger = r["jiio_robust_accuracy"] <= r["pgd_robust_accuracy"]
         faster = r["jiio_ms"] < r["pgd_ms"]
         out.append(f"- JIIO-80 finds attacks at least as strong as PGD-20 in less time "
                    f"({label} model): {'holds' if stronger and faster else 'does not hold'} "
