@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,14 @@ def test_task_batches_pixels_and_the_attack(task: AdversarialTask, tmp_path: Pat
         assert report[f"{attack}_robust_accuracy"] <= report["clean_accuracy"] + 1e-9
         assert report[f"{attack}_max_distance"] <= 1.0 + 1e-6 and report[f"{attack}_ms"] > 0
     assert [t["iteration"] for t in report["jiio_trace"]] == [4, 8, 12]
+    # the final JIIO attack takes its own options over grad.* (here 8 iterations, m 2)
+    own = replace(task.options, eval_jiio={"T": 8, "m": 2, "z_damping": 1.0})
+    report = robust_evaluation(model, task.test_images, task.test_labels, own,
+                               torch.device("cpu"))
+    assert report["jiio_iters"] == 8 and report["jiio_eval_options"]["m"] == 2
+    assert [t["iteration"] for t in report["jiio_trace"]] == [4, 8]
+    with pytest.raises(ValueError, match="task.eval_jiio takes JIIO options"):
+        replace(task.options, eval_jiio={"steps": 8}).check()
     metrics = task.artifacts(model, tmp_path, torch.device("cpu"))
     assert (tmp_path / "attacks.json").is_file() and "attack_pgd_robust_accuracy" in metrics
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from deqrun.core import DEQ, GRADIENTS, JIIO, JIIOOptions, joint_solve
+from deqrun.core import DEQ, GRADIENTS, JIIO, InputProblem, JIIOOptions, joint_solve
 from deqrun.core.jiio import project
 
 DZ, DX, DY, BATCH = 6, 3, 4, 5
@@ -281,3 +281,20 @@ def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="z_init"):
         JIIO(z_init="ones")
     assert "jiio" not in GRADIENTS  # an input-optimisation mode, not a gradient of the DEQ layer
+
+
+def test_a_problem_overrides_options_for_its_own_solve_only() -> None:
+    base = JIIOOptions(T=80, m=20, alpha0=[0.6, 0.2])
+    x0 = torch.zeros(2, 3)
+    assert InputProblem(x0=x0, objective=None).options(base) is base
+    own = InputProblem(x0=x0, objective=None, T=10, step_scale=2.0,
+                       overrides={"m": 5, "z_damping": 1.0, "alpha0": [1.0, 0.3], "T": 99})
+    opts = own.options(base)
+    # the problem's own T wins over an override; step_scale scales the overriding alpha0
+    assert (opts.m, opts.z_damping, opts.T, opts.alpha0) == (5, 1.0, 10, [2.0, 0.6])
+    assert (base.m, base.z_damping, base.T) == (20, 0.8, 80)
+    with pytest.raises(ValueError, match="unknown JIIO option"):
+        InputProblem(x0=x0, objective=None, overrides={"mm": 5}).options(base)
+    with pytest.raises(ValueError, match="mu_damping"):
+        InputProblem(x0=x0, objective=None, overrides={"mu_damping": 2.0}).options(base)
+

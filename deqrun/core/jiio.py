@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -146,16 +146,24 @@ class InputProblem:
     step_scale: float = 1.0
     # callback(k, x): sees the input iterate after each iteration (timing, traces)
     callback: Optional[Callable[[int, torch.Tensor], None]] = None
+    # any other JIIO options for this solve only (e.g. an evaluation attack's own m, dampings
+    # or alpha0), applied before the geometry above; alpha0 here is then scaled by step_scale
+    overrides: Optional[Dict[str, Any]] = None
 
     def options(self, base: JIIOOptions) -> JIIOOptions:
-        """base with this problem's geometry applied (base itself when it sets nothing)."""
-        changes = {name: getattr(self, name) for name in ("projection", "eps",
-                   "normalized_step", "T") if getattr(self, name) is not None}
+        """base with this problem's overrides and geometry applied (base itself when it sets
+        nothing)."""
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(JIIOOptions)}
+        unknown = sorted(set(self.overrides or {}) - set(fields))
+        _require(not unknown, f"unknown JIIO option(s) {unknown}; known: {sorted(fields)}")
+        changes = dict(self.overrides or {})
+        changes.update({name: getattr(self, name) for name in ("projection", "eps",
+                        "normalized_step", "T") if getattr(self, name) is not None})
         if self.step_scale != 1.0:
-            changes["alpha0"] = [a * self.step_scale for a in base.alpha0]
+            alpha0 = changes.get("alpha0", base.alpha0)
+            changes["alpha0"] = [a * self.step_scale for a in alpha0]
         if not changes:
             return base
-        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(JIIOOptions)}
         fields.update(changes)
         options = type(base)(**fields)
         options.check()

@@ -18,11 +18,12 @@ L2 (or L-infinity) ball of radius eps around the clean image, in pixel units (im
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from deqrun.core import InputProblem
+from deqrun.core import InputProblem, JIIOOptions
 from deqrun.core.jiio import project, step_direction
 from deqrun.data.images import build_cifar10, build_mnist
 from deqrun.data.paths import data_root
@@ -62,6 +63,9 @@ class AdversarialConfig(ImageDataConfig):
     attack_subset: int = 500
     attack_batch: int = 100
     trace_every: int = 10
+    # JIIO options of the final JIIO attack only, over grad.* (which the training attack uses),
+    # e.g. {m: 5, z_damping: 1.0, mu_damping: 1.0}; alpha0 here is in pixels like grad.alpha0
+    eval_jiio: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         super().check()
@@ -79,6 +83,11 @@ class AdversarialConfig(ImageDataConfig):
             raise ValueError("task.train_iters, task.pgd_steps and task.attack_batch must be >= 1")
         if self.attack_subset < 0 or self.trace_every < 0:
             raise ValueError("task.attack_subset and task.trace_every must be >= 0")
+        known = {f.name for f in dataclasses.fields(JIIOOptions)}
+        unknown = sorted(set(self.eval_jiio) - known)
+        if unknown:
+            raise ValueError(f"task.eval_jiio takes JIIO options ({', '.join(sorted(known))}); "
+                             f"got {', '.join(unknown)}")
 
     def check_grad(self, grad: str) -> None:
         """The JIIO training attack is the joint solve of grad=jiio: refuse it before the run."""
@@ -113,16 +122,20 @@ def logits_of(output: Any) -> torch.Tensor:
 def attack_problem(images: torch.Tensor, labels: torch.Tensor, norm: str, eps: float,
                    T: int | None = None, loss_scale: float = 1.0,
                    callback: Callable[[int, torch.Tensor], None] | None = None,
-                   start: torch.Tensor | None = None) -> InputProblem:
+                   start: torch.Tensor | None = None,
+                   overrides: dict[str, Any] | None = None) -> InputProblem:
     """Maximise the cross-entropy in the `norm` ball of radius eps around images (minimise its
-    negative), normalised steps, from `start` (default: the images); T None keeps grad.T."""
+    negative), normalised steps, from `start` (default: the images); T None keeps grad.T;
+    `overrides`: other JIIO options for this attack only."""
 
     def objective(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return -cross_entropy(logits, labels)
 
     return InputProblem(x0=images if start is None else start, objective=objective,
                         x_center=images, loss_scale=loss_scale, projection=norm, eps=eps,
-                        normalized_step=True, T=T, callback=callback)
+                        normalized_step=True, T=T, callback=callback,
+                        overrides={k: list(v) if k == "alpha0" else v
+                                   for k, v in (overrides or {}).items()} or None)
 
 
 def random_start(images: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
@@ -325,7 +338,8 @@ def robust_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                               "eps": o.eps, "norm": o.norm, "pgd_steps": o.pgd_steps,
                               "pgd_lr": o.pgd_lr}
     if jiio_on:
-        report["jiio_iters"] = int(model.input_optimiser.T)
+        report["jiio_iters"] = int(o.eval_jiio.get("T", model.input_optimiser.T))
+        report["jiio_eval_options"] = dict(o.eval_jiio)
     for attack in attacks:
         loss = torch.cat(losses[attack])
         report.update({f"{attack}_robust_accuracy": sums[f"{attack}_correct"] / count,
@@ -363,7 +377,7 @@ def _run_attack(attack: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                               steps=o.pgd_steps, trace=record)
         return x_adv, watch.pause(), trace
 
-    last = int(model.input_optimiser.T)
+    last = int(o.eval_jiio.get("T", model.input_optimiser.T))
 
     def callback(k: int, x_k: torch.Tensor) -> None:
         ms = watch.pause()
@@ -373,7 +387,8 @@ def _run_attack(attack: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             watch.resume()
 
     watch.resume()
-    output, _ = model(attack_problem(x, y, o.norm, o.eps, callback=callback))
+    output, _ = model(attack_problem(x, y, o.norm, o.eps, callback=callback,
+                                     overrides=dict(o.eval_jiio)))
     return output.x.detach(), watch.pause(), trace
 
 
