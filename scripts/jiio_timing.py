@@ -3,12 +3,14 @@
     python scripts/jiio_timing.py --checkpoint GEN.pt --data-root ../shared/data/mnist \
         [--problems recon,inpaint,denoise02,denoise04] [--batch 64] [--out DIR]
 
-For each problem (reconstruction, 20x20 inpainting, denoising at sigma 0.2 / 0.4) on the same
-test images: JIIO (T iterations, each one f call and one VJP) and Adam on the latent (lr 1,
-40 steps, each a full DEQ forward and implicit backward), both from x = 0. Every iterate's latent
+For each problem (reconstruction; inpainting of a hidden centre square, 20x20 or NN x NN for
+inpaintNN; denoising at sigma 0.2 / 0.4) on the same test images: JIIO (T iterations, each one
+f call and one VJP) and Adam on the latent (lr 1, 40 steps, each a full DEQ forward and implicit
+backward), both from x = 0. Every iterate's latent
 is recorded with its synchronised time stamp; afterwards (untimed) each recorded latent is decoded
 with a full forward solve, so every curve shows the true loss / PSNR of the latent found by then.
-Reports the quality at the end, and how much sooner JIIO reaches Adam-40's final quality.
+Reports the quality at x = 0 and at the end, and how much sooner JIIO reaches Adam-40's final
+quality.
 Writes <out>/jiio_timing.json, <out>/jiio_timing.md and <out>/<problem>.png (loss vs time).
 """
 
@@ -38,8 +40,8 @@ Path_ = list[tuple[float, torch.Tensor]]
 def observation(problem: str, clean: torch.Tensor,
                 mask_size: int = 20) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(observed images, mask or None) for a problem name."""
-    if problem == "inpaint":
-        mask = centre_mask(clean.shape, mask_size).to(clean)
+    if problem.startswith("inpaint"):  # inpaint: mask_size; inpaintNN: an NN x NN square
+        mask = centre_mask(clean.shape, int(problem[7:] or mask_size)).to(clean)
         return clean * mask, mask
     if problem.startswith("denoise"):
         return add_noise(clean, int(problem[-2:]) / 10, seed=1), None
