@@ -20,6 +20,7 @@ from deqrun.runner.distributed import (
     broadcast,
     discover,
     first_host,
+    gather_values,
     max_over_ranks,
     per_rank_batch,
     rank_device,
@@ -114,7 +115,8 @@ def train(rank: int, world: int, port: int, out: str) -> None:
                  train=reduce_sums(sums, ctx), test=reduce_sums(evaluated, ctx),
                  peak=max_over_ranks(100.0 * (rank + 1), ctx),
                  stop=stop_together(rank == world - 1, ctx), calm=stop_together(False, ctx),
-                 told=broadcast({"from": rank}, ctx))
+                 told=broadcast({"from": rank}, ctx),
+                 gathered=gather_values(torch.arange(rank + 2.0) + 10 * rank, ctx))
     torch.save(saved, Path(out) / f"rank{rank}.pt")
     barrier(ctx)
     teardown_distributed(ctx)
@@ -148,6 +150,10 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     assert [r["peak"] for r in ranks] == [200.0, 200.0] and one["peak"] == 100.0
     assert [r["stop"] for r in ranks] == [True, True] and not ranks[0]["calm"]
     assert [r["told"] for r in ranks] == [{"from": 0}, {"from": 0}]
+    # shards of different lengths (2 and 3 values), in rank order on every rank
+    for rank in ranks:
+        assert rank["gathered"].tolist() == [0.0, 1.0, 10.0, 11.0, 12.0]
+    assert one["gathered"].tolist() == [0.0, 1.0]
 
 
 def test_averaged_shard_gradients_equal_the_global_batch_gradient():

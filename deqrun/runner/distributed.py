@@ -245,6 +245,24 @@ def gather(value: Any, ctx: DistributedContext) -> list[Any]:
     return gathered
 
 
+def gather_values(values: torch.Tensor, ctx: DistributedContext) -> torch.Tensor:
+    """Every rank's 1-D `values` concatenated in rank order, on every rank (on the CPU, float64);
+    the shards may differ in length (e.g. per-sample solver steps, for a median over all)."""
+    local = values.detach().reshape(-1).to(torch.float64)
+    if not ctx.distributed:
+        return local.cpu()
+    local = local.to(ctx.device)
+    size = torch.tensor([local.numel()], dtype=torch.long, device=ctx.device)
+    sizes = [torch.zeros_like(size) for _ in range(ctx.world_size)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    padded = local.new_zeros(max(counts))
+    padded[: local.numel()] = local
+    parts = [torch.zeros_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)]).cpu()
+
+
 def max_over_ranks(value: float, ctx: DistributedContext) -> float:
     """The largest of every rank's `value` (e.g. peak memory)."""
     if not ctx.distributed:

@@ -669,6 +669,10 @@ def evaluate(t: Training, split: str) -> dict[str, float]:
         ms = ddp.max_over_ranks(solver.pop("ms", 0.0), t.ctx)
         sums, solver = ddp.reduce_sums(sums, t.ctx), ddp.reduce_sums(solver, t.ctx)
         solver["ms"] = ms
+    steps = torch.cat(nsteps) if nsteps else torch.zeros(0)
+    if t.ctx.distributed:  # the median over every rank's samples
+        steps = ddp.gather_values(steps, t.ctx)
+    median_steps = float(steps.median()) if steps.numel() else 0.0
     rows, prefix = max(solver.get("rows", 0.0), 1.0), "eval" if split == "test" else f"{split}_eval"
     out = {f"{split}_{k}": v for k, v in task.reduce(sums).items()}
     out.update({f"{prefix}_nstep": solver.get("nstep", 0.0) / rows,
@@ -677,8 +681,7 @@ def evaluate(t: Training, split: str) -> dict[str, float]:
                 # under the tolerance, and the median over samples of the f evaluations each one
                 # needed to get there (the budget, solver.eval_f_max_iter, when it never did).
                 f"{prefix}_converged": solver.get("converged", 0.0) / rows,
-                # (on N ranks: the median over this rank's shard)
-                f"{prefix}_steps_median": float(torch.cat(nsteps).median()) if nsteps else 0.0,
+                f"{prefix}_steps_median": median_steps,
                 f"{prefix}_diverged": int(solver.get("diverged", 0.0)),
                 f"{prefix}_samples_per_s": solver.get("samples", 0.0) /
                 max(solver.get("ms", 0.0) / 1e3, 1e-9)})
