@@ -142,11 +142,14 @@ def test_ignn_tables_sweep_folds_datasets_and_rows(table):
         assert (run.model.name, run.task.name, run.task.fold) == ("ignn", "tu", 3)
         assert (run.solver.name, run.solver.f_max_iter, run.solver.f_tol) == (
             "fixed_point", 300, 3e-6)
-        assert (run.optim.lr, run.trainer.batch_size, run.optim.schedule) == (
-            (1e-3, 128, "step") if table == "ignn_paper" else (1e-2, 32, "step"))
+        assert (run.optim.lr, run.trainer.batch_size, run.optim.schedule) == (  # COX2
+            (1e-3, 128, "step") if table == "ignn_paper" else (1e-2, 64, "step"))
         if table == "ignn_paper":  # the reference: 200 epochs, the rate halved from epoch 51 on
             assert (run.trainer.epochs, list(run.optim.milestones)) == (200, [50])
         assert run.optim.gamma == 0.5 and (run.model.direct_injection, run.model.bias) == (
             False, False)
         grads.append((run.grad.name, getattr(run.grad, "lambda_", None)))
     assert grads == [("implicit", None), ("upg", 0.5), ("upg", 1.0)]
+    if table == "ignn_smoke":  # the smoke table's batch is per data set
+        proteins, _ = resolve(composed(f"table={table}", "task.dataset=PROTEINS"))
+        assert (proteins.trainer.batch_size, proteins.trainer.epochs) == (32, 15)
