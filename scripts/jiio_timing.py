@@ -17,7 +17,6 @@ Writes <out>/jiio_timing.json, <out>/jiio_timing.md and <out>/<problem>.png (los
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -109,26 +108,24 @@ def load_generator(args: argparse.Namespace, image_shape: tuple[int, ...],
     model = MDEQGenerator(GeneratorConfig(size=args.size), deq, image_shape, args.latent_dim)
     model.input_optimiser = JIIO(T=args.T, m=args.m, alpha0=list(args.alpha0),
                                  b_max_iter=args.b_max_iter, b_tol=args.b_tol,
-                                 z_init=args.z_init, **dict(jiio_options(args.option)))
+                                 z_init=args.z_init, **jiio_options(args.option))
     state = torch.load(args.checkpoint, map_location=device)
     model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
     return model.to(device).eval()
 
 
-def jiio_options(pairs: list[str]) -> list[tuple[str, Any]]:
+def jiio_options(pairs: list[str]) -> dict[str, Any]:
     """`--option KEY=VALUE` pairs as JIIO option values (VALUE read as JSON, else a string)."""
-    names = {f.name for f in dataclasses.fields(JIIOOptions)}
-    out = []
+    out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
-        if not sep or key not in names:
+        if not sep or key not in JIIOOptions.names():
             raise SystemExit(f"--option takes KEY=VALUE with KEY a JIIO option "
-                             f"({', '.join(sorted(names))}); got {pair!r}")
+                             f"({', '.join(JIIOOptions.names())}); got {pair!r}")
         try:
-            value = json.loads(text)
+            out[key] = json.loads(text)
         except json.JSONDecodeError:
-            value = text
-        out.append((key, value))
+            out[key] = text
     return out
 
 

@@ -105,6 +105,11 @@ class JIIOOptions:
         _require(self.lam >= 0 and self.best_rel_residual > 0,
                  "JIIO lam must be >= 0 and best_rel_residual > 0")
 
+    @classmethod
+    def names(cls) -> list[str]:
+        """The option names, sorted (what overrides and config dicts may set)."""
+        return sorted(f.name for f in dataclasses.fields(JIIOOptions))
+
     @property
     def switch_at(self) -> int:
         """The iteration (0-based) from which alpha0[1] is used."""
@@ -153,10 +158,12 @@ class InputProblem:
     def options(self, base: JIIOOptions) -> JIIOOptions:
         """base with this problem's overrides and geometry applied (base itself when it sets
         nothing)."""
-        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(JIIOOptions)}
+        fields = {name: getattr(base, name) for name in JIIOOptions.names()}
         unknown = sorted(set(self.overrides or {}) - set(fields))
         _require(not unknown, f"unknown JIIO option(s) {unknown}; known: {sorted(fields)}")
         changes = dict(self.overrides or {})
+        if "alpha0" in changes:  # e.g. a config's list type
+            changes["alpha0"] = list(changes["alpha0"])
         changes.update({name: getattr(self, name) for name in ("projection", "eps",
                         "normalized_step", "T") if getattr(self, name) is not None})
         if self.step_scale != 1.0:

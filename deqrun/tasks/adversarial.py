@@ -18,7 +18,6 @@ L2 (or L-infinity) ball of radius eps around the clean image, in pixel units (im
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -83,11 +82,10 @@ class AdversarialConfig(ImageDataConfig):
             raise ValueError("task.train_iters, task.pgd_steps and task.attack_batch must be >= 1")
         if self.attack_subset < 0 or self.trace_every < 0:
             raise ValueError("task.attack_subset and task.trace_every must be >= 0")
-        known = {f.name for f in dataclasses.fields(JIIOOptions)}
-        unknown = sorted(set(self.eval_jiio) - known)
+        unknown = sorted(set(self.eval_jiio) - set(JIIOOptions.names()))
         if unknown:
-            raise ValueError(f"task.eval_jiio takes JIIO options ({', '.join(sorted(known))}); "
-                             f"got {', '.join(unknown)}")
+            raise ValueError(f"task.eval_jiio takes JIIO options "
+                             f"({', '.join(JIIOOptions.names())}); got {', '.join(unknown)}")
 
     def check_grad(self, grad: str) -> None:
         """The JIIO training attack is the joint solve of grad=jiio: refuse it before the run."""
@@ -134,8 +132,7 @@ def attack_problem(images: torch.Tensor, labels: torch.Tensor, norm: str, eps: f
     return InputProblem(x0=images if start is None else start, objective=objective,
                         x_center=images, loss_scale=loss_scale, projection=norm, eps=eps,
                         normalized_step=True, T=T, callback=callback,
-                        overrides={k: list(v) if k == "alpha0" else v
-                                   for k, v in (overrides or {}).items()} or None)
+                        overrides=dict(overrides or {}) or None)
 
 
 def random_start(images: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
