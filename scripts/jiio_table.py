@@ -42,6 +42,10 @@ PAPER = {"adam_ms": 7659, "jiio40_ms": 862, "pgd20_ms": 4360, "jiio80_ms": 1401,
 # JIIO's inference in the timing study: undamped z and mu updates (the paper's 0.8 / 0.6 damping
 # only slowed it on the Jacobian-penalised generator: reconstruction 0.0413 at T=200, never reaching
 # Adam-40's 0.0406, against 0.0368, reached 1.1x sooner, undamped; session 19).
+# Anderson memory 5, not the paper's CelebA 40: with 40 the reconstruction curve sat at 0.08 from
+# iteration 10 to 40 (mixing in iterates from far-off latents) and reached Adam-40's final 1.3x
+# sooner; with 5 (or 3) it kept falling, 1.9x (2.1x); 10: 1.6x, 20: 1.2x. Each iteration is also
+# cheaper (17 vs 27 ms). Larger steps with m 5 (alpha 8, 12, 20) ended worse (session 20 probes).
 UNDAMPED = ["--option", "z_damping=1.0", "--option", "mu_damping=1.0"]
 SCALES: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -50,7 +54,7 @@ SCALES: dict[str, dict[str, Any]] = {
                       "trainer.eval_every=1000", "trainer.eval_batch_size=250",
                       "task.fit_latents=256", "trainer.threads=2"],
         "timing": ["--problems", "recon,inpaint,inpaint12,denoise02", "--batch", "32", "--T",
-                   "200", "--m", "40", "--alpha0", "5", "5", *UNDAMPED, "--every", "10",
+                   "200", "--m", "5", "--alpha0", "5", "5", *UNDAMPED, "--every", "10",
                    "--threads", "2"],
         "classifier": ["task.attack_subset=300", "trainer.threads=2"],
         # training steps: the clean classifier, then its fine-tuning with JIIO attacks
@@ -64,7 +68,7 @@ SCALES: dict[str, dict[str, Any]] = {
                       "trainer.epochs=100",
                       "trainer.eval_every=1000"],
         "timing": ["--problems", "recon,inpaint,inpaint12,denoise02,denoise04", "--batch", "64",
-                   "--T", "200", "--m", "40", "--alpha0", "5", "5", *UNDAMPED, "--every", "5"],
+                   "--T", "200", "--m", "5", "--alpha0", "5", "5", *UNDAMPED, "--every", "5"],
         "classifier": ["task.attack_subset=2000"],
         "steps": {"none": 3000, "jiio": 3000},
         "finetune": ["optim.lr=1e-3"],

@@ -29,7 +29,7 @@ from deqrun.core import DEQ, JIIO, InputProblem, JIIOOptions
 from deqrun.data.generative import build_images
 from deqrun.measure import synchronize
 from deqrun.models.generator import GeneratorConfig, MDEQGenerator
-from deqrun.tasks.generative import psnr, squared_error
+from deqrun.tasks.generative import image_objective, psnr, squared_error
 from deqrun.tasks.inverse import add_noise, centre_mask
 
 PROBLEMS = ("recon", "inpaint", "denoise02", "denoise04")
@@ -135,8 +135,7 @@ def run_problem(model: MDEQGenerator, name: str, clean: torch.Tensor,
     observed, mask = observation(name, clean, args.mask_size)
     higher = name != "recon"
 
-    def objective(images: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return squared_error(images, observed, mask)
+    objective = image_objective(observed, mask, args.latent_weight)
 
     def score(images: torch.Tensor) -> float:
         if not higher:
@@ -169,6 +168,8 @@ def summarise(name: str, curves: dict, higher: bool, start: float | None = None)
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     extra = "".join(f", {pair}" for pair in args.option)
+    if args.latent_weight:
+        extra += f"; objective + {args.latent_weight} mean(x^2)"
     lines = [f"JIIO (T={args.T}, m={args.m}, alpha0={args.alpha0}, z_init={args.z_init}{extra}) "
              f"vs Adam on the latent (lr {args.adam_lr}, {args.adam_steps} steps), "
              f"batch {args.batch}, one process.",
@@ -215,6 +216,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mask-size", type=int, default=20,
                         help="side of inpainting's hidden centre square (the issue's 20)")
     parser.add_argument("--latent-dim", type=int, default=128)
+    parser.add_argument("--latent-weight", type=float, default=0.0,
+                        help="both methods minimise the squared error plus this times mean(x^2), "
+                             "a Gaussian prior on the latent (task.latent_weight)")
     parser.add_argument("--T", type=int, default=40)
     parser.add_argument("--m", type=int, default=20)
     parser.add_argument("--alpha0", type=float, nargs=2, default=[3.0, 1.0])

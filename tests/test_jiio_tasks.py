@@ -141,6 +141,20 @@ def test_inverse_corruptions(shared_data: Path) -> None:
     assert (objective(images, x) == 0).all()
 
 
+def test_inverse_objective_carries_the_latent_prior(shared_data: Path) -> None:
+    """task.latent_weight adds weight * mean(x^2) per sample to inpainting and denoising alike
+    (it was once read by task=generative only)."""
+    x = torch.arange(4 * 128, dtype=torch.float32).view(4, 128) / 300
+    for corruption in ("inpaint", "denoise"):
+        plain, prior = (InverseTask(InverseConfig(root=str(shared_data / "mnist"), subset=8,
+                                                  corruption=corruption, latent_weight=w))
+                        for w in (0.0, 0.5))
+        batch = next(iter(plain.eval_batches("test", LoaderOptions(batch_size=4))))
+        images = batch[0] * 0.5
+        extra = prior.objective(batch)(images, x) - plain.objective(batch)(images, x)
+        torch.testing.assert_close(extra, 0.5 * (x**2).mean(1))
+
+
 def test_data_errors_and_image_folders(shared_data: Path, tmp_path: Path) -> None:
     train, test = build_images("celeba", shared_data / "celeba", image_size=32, download=False,
                                notes=[])

@@ -70,6 +70,18 @@ def squared_error(images: torch.Tensor, target: torch.Tensor,
     return (error * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
 
 
+def image_objective(target: torch.Tensor, mask: torch.Tensor | None = None,
+                    latent_weight: float = 0.0) -> ImageObjective:
+    """objective(images, x): squared_error against target (where mask is 1), plus
+    latent_weight * mean(x^2) per sample, a Gaussian prior on the latent (0: none)."""
+
+    def objective(images: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        loss = squared_error(images, target, mask)
+        return loss + latent_weight * (x**2).flatten(1).mean(1) if latent_weight else loss
+
+    return objective
+
+
 def psnr(mse: float) -> float:
     """PSNR in dB of a mean squared error on images in [-1, 1] (peak-to-peak 2)."""
     return 10 * math.log10(4.0 / mse) if mse > 0 else float("inf")
@@ -120,13 +132,7 @@ class GenerativeTask(Task):
 
     def objective(self, batch: Any) -> ImageObjective:
         """The per-sample objective of the batch's latent inference."""
-        target, weight = self.target(batch), self.options.latent_weight
-
-        def objective(images: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            loss = squared_error(images, target)
-            return loss + weight * (x**2).mean(1) if weight else loss
-
-        return objective
+        return image_objective(self.target(batch), latent_weight=self.options.latent_weight)
 
     def model_input(self, batch: Any) -> InputProblem:
         target = self.target(batch)

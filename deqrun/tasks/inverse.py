@@ -22,6 +22,7 @@ from deqrun.tasks.generative import (
     GenerativeConfig,
     GenerativeTask,
     ImageObjective,
+    image_objective,
     psnr,
     squared_error,
 )
@@ -95,14 +96,11 @@ class InverseTask(GenerativeTask):
         return DataLoader(data, batch_size=options.batch_size)
 
     def objective(self, batch: Any) -> ImageObjective:
-        """Squared error against the observation (visible pixels only, for inpainting)."""
+        """Squared error against the observation (visible pixels only, for inpainting), plus
+        task.latent_weight * mean(x^2), the latent prior, when set."""
         observed = batch[1]
         mask = self.mask.to(observed) if self.options.corruption == "inpaint" else None
-
-        def objective(images: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            return squared_error(images, observed, mask)
-
-        return objective
+        return image_objective(observed, mask, self.options.latent_weight)
 
     def loss(self, output: Any, batch: Any) -> torch.Tensor:
         return self.objective(batch)(output.images, output.latent).mean()
