@@ -3,8 +3,9 @@ PGD-20), composed from the presets experiment=jiio/generative_mnist and jiio/adv
 
     python scripts/jiio_table.py --scale smoke|paper [--dry] [--data-root ../shared/data/mnist]
 
-Jobs, in order (each a separate process; a completed run is reused, trainer.resume=true, and so
-is a timing study newer than the generator's checkpoint: delete a run folder to redo it):
+Jobs, in order (each a separate process; a completed run made with the same arguments is reused,
+and so is a timing study with the same arguments newer than the generator's checkpoint: delete a
+run folder to redo it, e.g. after editing a preset):
   1. the MDEQ classifier trained on clean images (task.train_attack=none);
   2. that classifier fine-tuned with JIIO-k attacks (task.train_attack=jiio,
      trainer.init_from=job 1's run) for the scale's steps;
@@ -112,12 +113,19 @@ def _option(job: dict[str, Any], flag: str) -> str:
     return job["args"][job["args"].index(flag) + 1]
 
 
+def same_arguments(record: Path, job: dict[str, Any]) -> bool:
+    """The job recorded at `record` ran with this job's arguments (a changed option reruns it)."""
+    return record.is_file() and json.loads(record.read_text()).get("args") == job["args"]
+
+
 def timing_is_current(job: dict[str, Any]) -> bool:
-    """The timing study's jiio_timing.json exists and is newer than the checkpoint it timed."""
+    """The timing study's jiio_timing.json exists, is newer than the checkpoint it timed, and was
+    made with this job's arguments."""
     checkpoint = Path(_option(job, "--checkpoint"))
     result = Path(_option(job, "--out")) / "jiio_timing.json"
     return checkpoint.is_file() and result.is_file() and \
-        result.stat().st_mtime > checkpoint.stat().st_mtime
+        result.stat().st_mtime > checkpoint.stat().st_mtime and \
+        same_arguments(timing_record(job), job)
 
 
 def timing_record(job: dict[str, Any]) -> Path:
@@ -126,22 +134,23 @@ def timing_record(job: dict[str, Any]) -> Path:
 
 
 def run_jobs(todo: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
-    """Run each job; a run folder that already holds a completed run is reused (its wall time
-    then is the one recorded when it ran, in outputs/runs/<name>/table_job.json)."""
+    """Run each job; a run folder that already holds a completed run made with the same arguments
+    is reused (its wall time then is the one recorded when it ran, in
+    outputs/runs/<name>/table_job.json); so is a timing study made with the same arguments after
+    its checkpoint. A changed argument reruns the job (trainer.resume=true: a training run goes on
+    from its last checkpoint); a changed preset file does not: delete the run folder."""
     done = []
     for job in todo:
         record = Path("outputs/runs") / job["name"] / "table_job.json"
         metrics = Path("outputs/runs") / job["name"] / "metrics.json"
-        if job["kind"] == "deqrun" and record.is_file() and metrics.is_file() and \
+        if job["kind"] == "deqrun" and same_arguments(record, job) and metrics.is_file() and \
                 json.loads(metrics.read_text()).get("status") == "completed":
             done.append({**json.loads(record.read_text()), "reused": True})
             print(f"== {job['name']}: completed before, reused", flush=True)
             continue
         if job["kind"] == "script" and timing_is_current(job):
             earlier = timing_record(job)
-            entry = json.loads(earlier.read_text()) if earlier.is_file() else {
-                "name": job["name"], "command": shlex.join(argv(job)), "exit": 0}
-            done.append({**entry, "reused": True})
+            done.append({**json.loads(earlier.read_text()), "reused": True})
             print(f"== {job['name']}: its results are newer than the checkpoint, reused",
                   flush=True)
             continue
@@ -149,8 +158,8 @@ def run_jobs(todo: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
         print("== " + shlex.join(command), flush=True)
         start = time.perf_counter()
         status = subprocess.call(command)
-        entry = {"name": job["name"], "command": shlex.join(command), "exit": status,
-                 "wall_s": round(time.perf_counter() - start, 1)}
+        entry = {"name": job["name"], "command": shlex.join(command), "args": job["args"],
+                 "exit": status, "wall_s": round(time.perf_counter() - start, 1)}
         if job["kind"] == "deqrun" or status == 0:  # the wall time, for a later reuse
             target = record if job["kind"] == "deqrun" else timing_record(job)
             target.parent.mkdir(parents=True, exist_ok=True)

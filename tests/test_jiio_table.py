@@ -55,9 +55,36 @@ def test_the_timing_study_is_reused_only_when_newer_than_its_checkpoint(tmp_path
         path.write_text("{}")
     os.utime(checkpoint, (1000, 1000))
     os.utime(result, (2000, 2000))
+    assert not script.timing_is_current(timing)  # no record of the arguments it ran with
+    record = script.timing_record(timing)
+    record.write_text(json.dumps({"name": "timing", "args": timing["args"], "wall_s": 1.0}))
     assert script.timing_is_current(timing)
+    changed = {**timing, "args": [*timing["args"], "--latent-weight", "0.01"]}
+    assert not script.timing_is_current(changed)  # an option changed: time it again
     os.utime(checkpoint, (3000, 3000))  # the generator trained again: time it again
     assert not script.timing_is_current(timing)
+
+
+def test_a_completed_run_is_reused_only_with_the_same_arguments(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    script = load_script()
+    monkeypatch.chdir(tmp_path)
+    job = script.jobs("smoke", "DATA")[0]
+    run = Path("outputs/runs") / job["name"]
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    (run / "table_job.json").write_text(json.dumps({"name": job["name"], "args": job["args"],
+                                                    "wall_s": 7.0, "exit": 0}))
+    out = tmp_path / "table"
+    out.mkdir()
+    done = script.run_jobs([job], out)
+    assert done[0]["reused"] and done[0]["wall_s"] == 7.0
+    calls = []
+    monkeypatch.setattr(script.subprocess, "call", lambda command: calls.append(command) or 0)
+    changed = {**job, "args": [*job["args"], "trainer.max_steps=9"]}
+    done = script.run_jobs([changed], out)
+    assert not done[0].get("reused") and calls and calls[0][-1] == "trainer.max_steps=9"
+    assert json.loads((run / "table_job.json").read_text())["args"] == changed["args"]
 
 
 def test_compose_reads_the_outputs_and_judges_the_claims(tmp_path: Path, monkeypatch) -> None:
