@@ -127,3 +127,39 @@ def test_compose_reads_the_outputs_and_judges_the_claims(tmp_path: Path, monkeyp
         in verdicts[0]
     script.plot_attacks("smoke", out)
     assert (out / "adversarial.png").is_file()
+
+
+def test_the_timing_script_runs_both_methods_on_one_problem(shared_data: Path, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    """scripts/jiio_timing.py end to end on an untrained generator: both curves, the score at
+    x = 0, JIIO's score after as many iterations as Adam's steps, the table and a plot."""
+    import sys
+
+    import torch
+
+    from deqrun.core import DEQ
+    from deqrun.models.generator import GeneratorConfig, MDEQGenerator
+
+    spec = importlib.util.spec_from_file_location("jiio_timing", ROOT / "scripts/jiio_timing.py")
+    timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timing)
+    torch.manual_seed(0)
+    model = MDEQGenerator(GeneratorConfig(size="tiny"), DEQ(solver="anderson"), (1, 28, 28), 128)
+    checkpoint = tmp_path / "last.pt"
+    torch.save({"model": model.state_dict()}, checkpoint)
+    out = tmp_path / "timing"
+    monkeypatch.setattr(sys, "argv", [
+        "jiio_timing.py", "--checkpoint", str(checkpoint), "--data-root",
+        str(shared_data / "mnist"), "--problems", "recon,inpaint12", "--batch", "2", "--T", "6",
+        "--m", "3", "--adam-steps", "4", "--every", "2", "--latent-weight", "0.01",
+        "--out", str(out)])
+    timing.main()
+    rows = json.loads((out / "jiio_timing.json").read_text())["rows"]
+    assert [r["problem"] for r in rows] == ["recon", "inpaint12"]
+    for row in rows:
+        assert len(row["curves"]["jiio"]) == 3 and len(row["curves"]["adam"]) == 4
+        assert row["jiio_at_adam_steps"]["iterations"] == 4
+        assert 0 < row["jiio_at_adam_steps"]["ms"] <= row["jiio_ms"]
+        assert row["start"] is not None and row["adam_improves"] in (True, False)
+    assert rows[0]["metric"] == "mse" and rows[1]["metric"] == "psnr"
+    assert (out / "recon.png").is_file() and "mean(x^2)" in (out / "jiio_timing.md").read_text()
