@@ -177,7 +177,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         extra += f"; objective + {args.latent_weight} mean(x^2)"
     lines = [f"JIIO (T={args.T}, m={args.m}, alpha0={args.alpha0}, z_init={args.z_init}{extra}) "
              f"vs Adam on the latent (lr {args.adam_lr}, {args.adam_steps} steps), "
-             f"batch {args.batch}, one process.",
+             f"test images {args.first}-{args.first + args.batch - 1}, one process.",
              "", f"| problem | metric | at x0 | JIIO-{args.adam_steps} (ms) | JIIO final | "
              "JIIO ms | Adam final | Adam ms | JIIO ms to Adam's final | "
              "speed-up at equal quality |",
@@ -226,6 +226,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--problems", default=",".join(PROBLEMS))
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--first", type=int, default=0,
+                        help="index of the first test image (probe settings on other images than "
+                             "the table's, which uses the first --batch)")
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--mask-size", type=int, default=20,
                         help="side of inpainting's hidden centre square (the issue's 20)")
@@ -261,7 +264,7 @@ def main() -> None:
     device = torch.device(args.device)
     _, test = build_images(args.dataset, Path(args.data_root), image_size=None, download=False,
                            notes=[])
-    clean = test[: args.batch].to(device)
+    clean = test[args.first: args.first + args.batch].to(device)
     model = load_generator(args, tuple(clean.shape[1:]), device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
