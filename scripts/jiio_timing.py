@@ -265,6 +265,9 @@ def main() -> None:
     _, test = build_images(args.dataset, Path(args.data_root), image_size=None, download=False,
                            notes=[])
     clean = test[args.first: args.first + args.batch].to(device)
+    if len(clean) < args.batch:
+        raise SystemExit(f"jiio_timing: --first {args.first} --batch {args.batch} needs "
+                         f"{args.first + args.batch} test images; the test split has {len(test)}")
     model = load_generator(args, tuple(clean.shape[1:]), device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
