@@ -135,7 +135,8 @@ class TrainerConfig:
             _require(getattr(self, name) >= 1, f"trainer.{name} must be >= 1")
         for name in ("pretrain_steps", "num_workers", "precision_every"):
             _require(getattr(self, name) >= 0, f"trainer.{name} must be >= 0")
-        _require(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps must be >= 1")
+        _require(self.max_steps is None or self.max_steps >= 0,
+                 "trainer.max_steps must be >= 0 (0: evaluate only, no training step)")
         _require(self.jac_reg_weight >= 0, "trainer.jac_reg_weight must be >= 0")
         _require(self.threads is None or self.threads >= 1, "trainer.threads must be >= 1")
         _require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)) is not None,

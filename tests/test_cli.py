@@ -146,6 +146,30 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path):
     assert "trainer.init_from=/nonexistent: no checkpoint there" in missing.stderr
 
 
+def test_max_steps_zero_evaluates_a_trained_run_without_training(tmp_path):
+    first = deqrun([*FAST, "run_name=first"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    source = tmp_path / "outputs" / "runs" / "first"
+    again = deqrun([*FAST, "run_name=again", f"trainer.init_from={source}",
+                    "trainer.max_steps=0"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    run_dir = tmp_path / "outputs" / "runs" / "again"
+    content, trained = metrics(run_dir), metrics(source)
+    assert content["status"] == "completed" and content["final"]["steps"] == 0
+    assert content["history"][0]["step"] == 0
+    # the same weights evaluated the same way: the trained run's final test metrics
+    assert content["final"]["test_accuracy"] == trained["final"]["test_accuracy"]
+    assert content["final"]["test_loss"] == pytest.approx(trained["final"]["test_loss"])
+    before = torch.load(source / "checkpoints" / "last.pt", weights_only=True)["model"]
+    after = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    done = deqrun([*FAST, "run_name=again", "trainer.max_steps=0", "trainer.resume=true"],
+                  tmp_path)
+    assert done.returncode == 0 and "nothing to do" in done.stderr
+    negative = deqrun([*FAST, "trainer.max_steps=-1"], tmp_path)
+    assert negative.returncode == 2 and "trainer.max_steps must be >= 0" in negative.stderr
+
+
 @pytest.mark.parametrize("logger,files", [("csv", ["steps.csv", "epochs.csv"]),
                                           ("wandb", ["wandb"]), ("tensorboard", ["tensorboard"]),
                                           ("none", [])])

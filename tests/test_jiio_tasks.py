@@ -141,6 +141,20 @@ def test_inverse_corruptions(shared_data: Path) -> None:
     assert (objective(images, x) == 0).all()
 
 
+def test_inverse_artifacts_show_clean_observed_and_recovered(shared_data: Path,
+                                                             tmp_path: Path) -> None:
+    """task=inverse's end of run (it once reused task=generative's, which has no observations,
+    and every task=inverse run crashed there)."""
+    torch.manual_seed(0)
+    task = InverseTask(InverseConfig(root=str(shared_data / "mnist"), image_size=16, subset=64,
+                                      latent_dim=LATENT, grid=4, corruption="inpaint",
+                                      mask_size=6))
+    metrics = task.artifacts(generator(task, T=2), tmp_path, torch.device("cpu"))
+    assert (tmp_path / "recovered.png").stat().st_size > 0
+    assert metrics["recovered_png"] == "recovered.png"
+    assert 0 < metrics["artifact_recovered_psnr"] < 60
+
+
 def test_inverse_objective_carries_the_latent_prior(shared_data: Path) -> None:
     """task.latent_weight adds weight * mean(x^2) per sample to inpainting and denoising alike
     (it was once read by task=generative only)."""

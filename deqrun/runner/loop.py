@@ -203,6 +203,8 @@ def begin(t: Training) -> None:
 def train_to_the_end(t: Training) -> dict[str, Any]:
     """Epochs until the budget is spent; a signal, divergence or write failure ends the run."""
     try:
+        if t.total_steps == 0 and not t.progress.history:
+            evaluate_only(t)
         while not t.finished:
             if t.check_stop():
                 interrupt(t)
@@ -230,6 +232,30 @@ def train_to_the_end(t: Training) -> dict[str, Any]:
     except WriteError as error:
         mark(t, status="failed", error=str(error))
         raise
+
+
+def evaluate_only(t: Training) -> None:
+    """trainer.max_steps=0: the model as built, or as trainer.init_from loaded it, evaluated on
+    every split without a training step (e.g. a trained generator on task=inverse, or a trained
+    classifier attacked with other task.eval_jiio settings), then checkpointed. The task's
+    end-of-run work (attacks, pictures) follows as after training."""
+    record: dict[str, Any] = dict(epoch=0, step=0)
+    try:
+        for split in t.task.eval_splits:
+            record.update(evaluate(t, split))
+    except EvaluationAbandoned:
+        interrupt(t)
+    t.progress.history.append(record)
+    t.logger.log("epoch", record)
+    log.info("evaluated without training: %s", ", ".join(
+        f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "step")))
+    with t.stop.protect():
+        save_state(t)
+        if t.ctx.is_main:
+            write_metrics(t.run_dir, status="running", history=t.progress.history,
+                          latest=summarize(t), skipped_batches=t.progress.skipped)
+    if t.check_stop():
+        interrupt(t)
 
 
 def mark(t: Training, **fields: Any) -> None:
@@ -277,7 +303,8 @@ def prepare(config: RunConfig, resolved: dict[str, Any], run_dir: Path,
         model = sync_batchnorm(config, model, ctx)
     steps_per_epoch = len(ddp.shard_batches(task, 0, loader_options(config, device, train=True),
                                             ctx))
-    total_steps = min(trainer.epochs * steps_per_epoch, trainer.max_steps or math.inf)
+    total_steps = min(trainer.epochs * steps_per_epoch,
+                      math.inf if trainer.max_steps is None else trainer.max_steps)
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, total_steps, steps_per_epoch)
     t = Training(config, resolved, task, model, optimizer, scheduler, device, run_dir,

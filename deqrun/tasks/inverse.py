@@ -10,11 +10,14 @@ training on this task fits the generator to the observations, as a reconstructio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision.utils import save_image
 
 from deqrun.registry import register_task
 from deqrun.tasks.base import LoaderOptions
@@ -111,6 +114,22 @@ class InverseTask(GenerativeTask):
             psnrs = [psnr(float(e)) for e in errors]
         return {"sq_error": float(errors.sum()), "psnr_sum": sum(psnrs),
                 "samples": float(len(errors))}
+
+    def artifacts(self, model: torch.nn.Module, run_dir: Path, device: torch.device,
+                  ) -> dict[str, Any]:
+        """recovered.png: the first task.grid clean test images, their observations and the
+        images recovered from them, in three bands; their mean PSNR. (No samples: the generator
+        is not what this task judges.)"""
+        model.eval()
+        count = min(self.options.grid, len(self.test_images))
+        clean = self.test_images[:count].to(device)
+        observed = self.test_observed[:count].to(device)
+        recovered = model(self.model_input((clean, observed)))[0].images.detach()
+        bands = torch.cat([clean, observed.clamp(-1, 1), recovered]).add(1).div(2)
+        save_image(bands, run_dir / "recovered.png", nrow=max(1, int(math.sqrt(count))))
+        errors = squared_error(recovered, clean)
+        return {"recovered_png": "recovered.png",
+                "artifact_recovered_psnr": sum(psnr(float(e)) for e in errors) / len(errors)}
 
     def reduce(self, sums: dict[str, float]) -> dict[str, float]:
         count = max(sums["samples"], 1.0)
