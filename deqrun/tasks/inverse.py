@@ -4,8 +4,10 @@
 Inpainting hides a square (mask_size x mask_size, centred) of every image; denoising adds
 Gaussian noise of standard deviation sigma (on the [0, 1] pixel scale). The latent is found by
 JIIO against the observation only (the visible pixels, or the noisy image); the metric is the
-PSNR of the generated image against the clean one. Run it on a trained generator (its checkpoint);
-training on this task fits the generator to the observations, as a reconstruction task would.
+PSNR of the generated image against the clean one. Run it on a trained generator:
+trainer.init_from=<its run> trainer.max_steps=0 evaluates without a training step (training on
+this task would fit the generator to the observations, as a reconstruction task does). The end
+of the run writes recovered.png: clean, observed and recovered test images.
 """
 
 from __future__ import annotations
