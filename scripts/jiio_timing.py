@@ -29,7 +29,7 @@ from deqrun.core import DEQ, JIIO, InputProblem, JIIOOptions
 from deqrun.data.generative import build_images
 from deqrun.measure import synchronize
 from deqrun.models.generator import GeneratorConfig, MDEQGenerator
-from deqrun.tasks.generative import image_objective, psnr, squared_error
+from deqrun.tasks.generative import image_objective, psnr_sum, squared_error
 from deqrun.tasks.inverse import add_noise, centre_mask
 
 PROBLEMS = ("recon", "inpaint", "denoise02", "denoise04")
@@ -140,7 +140,7 @@ def run_problem(model: MDEQGenerator, name: str, clean: torch.Tensor,
     def score(images: torch.Tensor) -> float:
         if not higher:
             return float(squared_error(images, clean).mean())
-        return sum(psnr(float(e)) for e in squared_error(images, clean)) / len(clean)
+        return psnr_sum(squared_error(images, clean)) / len(clean)
 
     problem = InputProblem(x0=clean.new_zeros(len(clean), args.latent_dim), objective=objective)
     jiio_path = record_jiio(model, problem, device)

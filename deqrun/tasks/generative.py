@@ -87,6 +87,18 @@ def psnr(mse: float) -> float:
     return 10 * math.log10(4.0 / mse) if mse > 0 else float("inf")
 
 
+def psnr_sum(errors: torch.Tensor) -> float:
+    """The sum of per-sample PSNRs of per-sample mean squared errors (divide by the count)."""
+    return sum(psnr(float(e)) for e in errors)
+
+
+def save_bands(bands: list[torch.Tensor], path: Path, count: int | None = None) -> None:
+    """Images in [-1, 1] as one PNG grid, each band below the one before, sqrt(count) images a
+    row (count: the first band's length unless given)."""
+    count = len(bands[0]) if count is None else count
+    save_image(torch.cat(bands).add(1).div(2), path, nrow=max(1, int(math.sqrt(count))))
+
+
 class GenerativeTask(Task):
     """Reconstruction of images by a generator whose latents JIIO infers."""
 
@@ -162,9 +174,8 @@ class GenerativeTask(Task):
         samples = sample_latents(latents, self.options.grid)
         with torch.no_grad():
             generated = model(samples)[0].images
-        rows = max(1, int(math.sqrt(count)))
-        save_image(torch.cat([targets, recon]).add(1).div(2), run_dir / "recon.png", nrow=rows)
-        save_image(generated.add(1).div(2), run_dir / "samples.png", nrow=rows)
+        save_bands([targets, recon], run_dir / "recon.png")
+        save_bands([generated], run_dir / "samples.png", count)
         mse = float(squared_error(recon, targets).mean())
         return {"recon_png": "recon.png", "samples_png": "samples.png",
                 "artifact_recon_mse": mse, "artifact_recon_psnr": psnr(mse),

@@ -12,14 +12,12 @@ of the run writes recovered.png: clean, observed and recovered test images.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from torchvision.utils import save_image
 
 from deqrun.registry import register_task
 from deqrun.tasks.base import LoaderOptions
@@ -28,7 +26,8 @@ from deqrun.tasks.generative import (
     GenerativeTask,
     ImageObjective,
     image_objective,
-    psnr,
+    psnr_sum,
+    save_bands,
     squared_error,
 )
 
@@ -113,8 +112,7 @@ class InverseTask(GenerativeTask):
     def metric_sums(self, output: Any, batch: Any) -> dict[str, float]:
         with torch.no_grad():
             errors = squared_error(output.images, self.target(batch))
-            psnrs = [psnr(float(e)) for e in errors]
-        return {"sq_error": float(errors.sum()), "psnr_sum": sum(psnrs),
+        return {"sq_error": float(errors.sum()), "psnr_sum": psnr_sum(errors),
                 "samples": float(len(errors))}
 
     def artifacts(self, model: torch.nn.Module, run_dir: Path, device: torch.device,
@@ -127,11 +125,9 @@ class InverseTask(GenerativeTask):
         clean = self.test_images[:count].to(device)
         observed = self.test_observed[:count].to(device)
         recovered = model(self.model_input((clean, observed)))[0].images.detach()
-        bands = torch.cat([clean, observed.clamp(-1, 1), recovered]).add(1).div(2)
-        save_image(bands, run_dir / "recovered.png", nrow=max(1, int(math.sqrt(count))))
-        errors = squared_error(recovered, clean)
+        save_bands([clean, observed.clamp(-1, 1), recovered], run_dir / "recovered.png")
         return {"recovered_png": "recovered.png",
-                "artifact_recovered_psnr": sum(psnr(float(e)) for e in errors) / len(errors)}
+                "artifact_recovered_psnr": psnr_sum(squared_error(recovered, clean)) / count}
 
     def reduce(self, sums: dict[str, float]) -> dict[str, float]:
         count = max(sums["samples"], 1.0)
