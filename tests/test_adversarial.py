@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import SHARED_DATA
 
-from deqrun.core import DEQ, JIIO, JIIOOptions, joint_solve
+from deqrun.core import DEQ, GRADIENTS, JIIO, JIIOOptions, joint_solve
 from deqrun.errors import ConfigError
 from deqrun.models.base import DEQModel
 from deqrun.models.mdeq import MDEQConfig, build_mdeq_model, frozen_batch_stats
@@ -75,8 +75,10 @@ def test_jiio_attack_reaches_the_brute_force_optimum() -> None:
     torch.testing.assert_close(-result.objective, best, atol=1e-6, rtol=1e-6)
 
 
-def small_mdeq(jiio: bool = True) -> torch.nn.Module:
-    deq = DEQ(solver="anderson", grad="implicit", f_max_iter=12, f_tol=1e-4, b_max_iter=12)
+def small_mdeq(jiio: bool = True, grad: str = "implicit") -> torch.nn.Module:
+    deq = DEQ(solver="broyden" if grad == "shine" else "anderson", grad=grad, f_max_iter=12,
+              f_tol=1e-4,
+              **({"b_max_iter": 12} if grad == "implicit" else {}))
     options = MDEQConfig(branch_channels=[6, 6], head_channels=[4, 4], stem_channels=6,
                          final_channels=16, expansion=1, num_groups=2, dropout=0.0)
     torch.manual_seed(0)
@@ -178,6 +180,24 @@ def test_training_through_the_attack_gives_parameter_gradients() -> None:
     assert stats.backward is not None and stats.backward.nstep.max() >= 1
     assert all(p.grad is not None for p in model.equilibrium.parameters())
     assert model.stem[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("grad", sorted(set(GRADIENTS) - {"jiio"}))
+def test_every_gradient_method_trains_the_attacked_classifier(grad: str) -> None:
+    """task=adversarial with task.train_attack=none runs under every gradient method: a clean
+    training step reaches every parameter, and both attacks still raise the loss."""
+    model = small_mdeq(grad=grad).train()
+    x, y = torch.rand(4, 1, 12, 12), torch.randint(0, 10, (4,))
+    F.cross_entropy(model(x)[0], y).backward()
+    grads = [p.grad for p in model.equilibrium.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    model.eval()
+    x_pgd, _ = pgd_attack(model, x, y, norm="l2", eps=1.0, lr=0.2, steps=3)
+    x_jiio = model(attack_problem(x, y, "l2", 1.0))[0].x
+    with torch.no_grad():
+        clean, pgd, jiio = (F.cross_entropy(model(v)[0], y) for v in (x, x_pgd, x_jiio))
+    assert pgd > clean and jiio > clean, (grad, clean, pgd, jiio)
 
 
 def test_frozen_batch_stats_keeps_running_statistics() -> None:
